@@ -1,0 +1,89 @@
+"""A human-readable table of how FROG treats each parameter."""
+
+from typing import Any
+
+import numpy as np
+
+from frog_optax._src import stats as stats_lib
+from frog_optax._src import transform
+
+
+def describe_rows(
+    params: Any, stats: Any, exclude: Any = ()
+) -> list[dict[str, Any]]:
+  """One dict per module: path, shapes, route, row size D, Fisher samples.
+
+  `samples` counts the (example, location) pairs behind each row's Fisher;
+  when it is below D the row Fisher is rank-deficient and damping alone
+  bounds the step in the unseen directions.
+  """
+  chosen = set(transform.preconditioned_modules(params, exclude))
+  candidates = set(transform.preconditioned_modules(params))
+  by_path = stats_lib.stats_by_path(stats)
+  rows = []
+  for module, leaves in sorted(transform._module_leaves(params).items()):  # pylint: disable=protected-access
+    kernel = leaves.get('kernel')
+    entry = {
+        'module': module or '/',
+        'parameters': ', '.join(
+            f'{name}{tuple(np.shape(v))}' for name, v in sorted(leaves.items())
+        ),
+        'route': 'fallback',
+        'why': 'not a Dense/Conv kernel',
+        'row_size': None,
+        'samples': None,
+    }
+    if module in candidates:
+      entry['row_size'] = int(np.prod(kernel.shape[:-1])) + ('bias' in leaves)
+      layer_stats = by_path.get(module)
+      if layer_stats is not None:
+        dy = layer_stats.output_grads
+        entry['samples'] = int(np.prod(dy.shape[:-1]))
+      if module not in chosen:
+        entry['why'] = 'excluded'
+      elif layer_stats is None:
+        entry['route'] = 'ERROR'
+        entry['why'] = 'no stats captured: update will fail'
+      else:
+        entry['route'] = 'frog'
+        entry['why'] = (
+            'rank-deficient Fisher (samples < D)'
+            if entry['samples'] < entry['row_size']
+            else ''
+        )
+    rows.append(entry)
+  return rows
+
+
+def describe(params: Any, stats: Any, exclude: Any = ()) -> str:
+  """A table of which parameters FROG preconditions and which fall back.
+
+  Args:
+    params: the parameter tree.
+    stats: the stats tree from :func:`frog_optax.linen.value_and_grad`.
+    exclude: the `exclude` passed to :func:`frog_optax.frog`.
+
+  Returns:
+    A plain-text table, one line per module.
+
+  Example:
+    >>> print(fo.describe(params, stats, exclude=('head',)))  # doctest: +SKIP
+  """
+  rows = describe_rows(params, stats, exclude)
+  header = ('module', 'parameters', 'route', 'D', 'samples', 'note')
+  table = [header] + [
+      (
+          r['module'],
+          r['parameters'],
+          r['route'],
+          '' if r['row_size'] is None else str(r['row_size']),
+          '' if r['samples'] is None else str(r['samples']),
+          r['why'],
+      )
+      for r in rows
+  ]
+  widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+  lines = ['  '.join(c.ljust(w) for c, w in zip(row, widths)).rstrip()
+           for row in table]
+  lines.insert(1, '  '.join('-' * w for w in widths))
+  return '\n'.join(lines)

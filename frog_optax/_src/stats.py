@@ -1,0 +1,116 @@
+"""Captured layer statistics and the static layer geometry they carry.
+
+A `LayerStats` is what the capture hands to the optimizer for one layer: the
+inputs and output gradients of the sampled examples, plus the static geometry
+needed to rebuild the layer's linear map. It is a pytree (it crosses `jit`
+boundaries as arrays), the geometry is static aux data.
+"""
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any, Union
+
+import jax
+
+
+@dataclasses.dataclass(frozen=True)
+class DenseGeometry:
+  """A Dense layer: `outputs = inputs @ kernel (+ bias)` on the last axis."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvGeometry:
+  """A channels-last convolution, as `lax.conv_general_dilated` runs it.
+
+  Padding is always explicit `(low, high)` pairs: circular, reflect and causal
+  padding are applied to the captured inputs, which then need none.
+  """
+
+  strides: tuple[int, ...]
+  padding: tuple[tuple[int, int], ...]
+  input_dilation: tuple[int, ...]
+  kernel_dilation: tuple[int, ...]
+  feature_group_count: int
+
+  @property
+  def num_spatial_dims(self) -> int:
+    return len(self.strides)
+
+
+LayerGeometry = Union[DenseGeometry, ConvGeometry]
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerStats:
+  """Inputs and output gradients of one layer on the Fisher sample.
+
+  Attributes:
+    inputs: layer inputs of the sampled examples. Dense: `(n, d_in)` with all
+      leading axes folded into `n`; Conv: `(n, *spatial, c_in)`, already
+      padded when the layer pads by circular, reflect or causal rules.
+    output_grads: dLoss/d(outputs) of the same examples, `(n, d_out)` or
+      `(n, *out_spatial, c_out)`, multiplied by the batch size so that a
+      mean-reduced loss does not shrink them (every use is scale-free).
+    geometry: static description of the layer's linear map.
+  """
+
+  inputs: jax.Array
+  output_grads: jax.Array
+  geometry: LayerGeometry = dataclasses.field(metadata={'static': True})
+
+
+jax.tree_util.register_dataclass(
+    LayerStats,
+    data_fields=['inputs', 'output_grads'],
+    meta_fields=['geometry'],
+)
+
+
+def key_name(key: Any) -> str:
+  """The name of one tree-path entry (dict key, attribute or index)."""
+  for attr in ('key', 'name', 'idx'):
+    if hasattr(key, attr):
+      return str(getattr(key, attr))
+  return str(key)
+
+
+def path_name(path: tuple[Any, ...]) -> str:
+  """A '/'-joined module or parameter path, as used by `exclude`."""
+  return '/'.join(key_name(k) for k in path)
+
+
+def is_stats_leaf(x: Any) -> bool:
+  return x is None or isinstance(x, LayerStats)
+
+
+def stats_by_path(stats: Any) -> dict[str, LayerStats]:
+  """Flattens a params-prefix stats tree to `{module_path: LayerStats}`."""
+  flat, _ = jax.tree_util.tree_flatten_with_path(stats, is_leaf=is_stats_leaf)
+  return {
+      path_name(path): leaf
+      for path, leaf in flat
+      if isinstance(leaf, LayerStats)
+  }
+
+
+def stats_tree(params: Any, captured: Mapping[str, LayerStats]) -> Any:
+  """Builds the params-prefix tree: `LayerStats` per captured module dict.
+
+  Args:
+    params: the parameter tree (nested mappings of arrays).
+    captured: `{module_path: LayerStats}`.
+
+  Returns:
+    The same nesting as `params`, with a `LayerStats` in place of each
+    captured module's `{'kernel', 'bias'}` dict and `None` at every other leaf.
+  """
+
+  def build(node, prefix):
+    name = '/'.join(prefix)
+    if name in captured:
+      return captured[name]
+    if isinstance(node, Mapping):
+      return {k: build(v, prefix + (str(k),)) for k, v in node.items()}
+    return None
+
+  return build(params, ())

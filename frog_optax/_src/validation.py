@@ -1,0 +1,88 @@
+"""Hyper-parameter checks that raise clear errors at construction time.
+
+Values that are traced (for example inside `optax.inject_hyperparams`) or
+schedules cannot be checked here and pass through unchecked.
+"""
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+
+def is_concrete_number(value: Any) -> bool:
+  if isinstance(value, bool):
+    return False
+  if isinstance(value, (int, float, np.number)):
+    return True
+  if isinstance(value, (np.ndarray, jax.Array)):
+    return not isinstance(value, jax.core.Tracer) and np.ndim(value) == 0
+  return False
+
+
+def check_range(
+    name: str,
+    value: Any,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_inclusive: bool = True,
+    high_inclusive: bool = True,
+    allow_schedule: bool = False,
+) -> None:
+  """Raises `ValueError` naming `name` when a concrete value is out of range."""
+  if callable(value):
+    if allow_schedule:
+      return
+    raise ValueError(f'{name} must be a number, not a schedule; got {value!r}.')
+  if not is_concrete_number(value):
+    if isinstance(value, (jax.Array, np.ndarray)) and not isinstance(
+        value, jax.core.Tracer
+    ):
+      raise ValueError(f'{name} must be a scalar; got shape {np.shape(value)}.')
+    if isinstance(value, jax.core.Tracer):
+      return
+    raise ValueError(f'{name} must be a number; got {value!r}.')
+  v = float(value)
+  lo_ok = (
+      low is None or (v >= low if low_inclusive else v > low)
+  ) and not np.isnan(v)
+  hi_ok = high is None or (v <= high if high_inclusive else v < high)
+  if not (lo_ok and hi_ok):
+    lo = '(-inf' if low is None else ('[' if low_inclusive else '(') + f'{low}'
+    hi = 'inf)' if high is None else f'{high}' + (']' if high_inclusive else ')')
+    raise ValueError(f'{name} must be in {lo}, {hi}; got {value!r}.')
+
+
+def check_positive_int(name: str, value: Any) -> None:
+  """Accepts Python ints >= 1 (and traced ints from inject_hyperparams)."""
+  if isinstance(value, jax.core.Tracer):
+    return
+  if isinstance(value, (jax.Array, np.ndarray)) and np.ndim(value) == 0:
+    if not np.issubdtype(np.asarray(value).dtype, np.integer):
+      raise ValueError(f'{name} must be an integer; got {value!r}.')
+    value = int(value)
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+    raise ValueError(f'{name} must be an integer >= 1; got {value!r}.')
+  if value < 1:
+    raise ValueError(f'{name} must be an integer >= 1; got {value!r}.')
+
+
+def normalize_paths(name: str, paths: str | Sequence[str]) -> tuple[str, ...]:
+  """Accepts one '/'-joined module path or a sequence of them."""
+  if isinstance(paths, str):
+    paths = (paths,)
+  try:
+    paths = tuple(paths)
+  except TypeError:
+    raise ValueError(
+        f'{name} must be a sequence of module paths; got {paths!r}.'
+    ) from None
+  for p in paths:
+    if not isinstance(p, str) or not p.strip('/'):
+      raise ValueError(
+          f"{name} entries must be non-empty '/'-joined module paths such as"
+          f" 'head' or 'block3/Dense_0'; got {p!r}."
+      )
+  return tuple(p.strip('/') for p in paths)
