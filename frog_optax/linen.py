@@ -19,6 +19,7 @@ import threading
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -34,6 +35,10 @@ INPUTS = 'frog_inputs'
 PERTURBATIONS = 'frog_perturbations'
 _SOW_NAME = 'inputs'
 _CAPTURED_TYPES = (nn.Dense, nn.Conv)
+_LIFTED_HINT = (
+    ' It was probably called inside nn.scan or nn.vmap, whose stacked layers'
+    ' FROG does not capture yet; exclude it with frog(..., exclude=...).'
+)
 
 
 @dataclasses.dataclass
@@ -202,9 +207,15 @@ def _interceptor(next_fun, args, kwargs, context):
     index = len(module.get_variable(INPUTS, _SOW_NAME))
   module.sow(INPUTS, _SOW_NAME, x_rows)
   y_rows_shape = jax.eval_shape(lambda t: t[rows], y).shape
-  perturbation = module.variable(
-      PERTURBATIONS, f'output_grads_{index}', jnp.zeros, y_rows_shape, y.dtype
-  )
+  try:
+    perturbation = module.variable(
+        PERTURBATIONS, f'output_grads_{index}', jnp.zeros, y_rows_shape,
+        y.dtype,
+    )
+  except flax.errors.ScopeCollectionNotFound as e:
+    raise NotImplementedError(
+        f'frog_optax could not capture {path!r}.' + _LIFTED_HINT
+    ) from e
   return y.at[rows].add(perturbation.value)
 
 
@@ -293,6 +304,16 @@ def _assemble_stats(session: _Session, output_grads: list[Any]):
           f'{module!r} was called on inputs of different shapes'
           f' {[x.shape for x in xs]}; FROG stats cannot be combined. Exclude it.'
       )
+    geometry = session.geometry[module]
+    expected_ndim = (
+        2 if isinstance(geometry, stats_lib.DenseGeometry)
+        else geometry.num_spatial_dims + 2
+    )
+    if xs[0].ndim != expected_ndim:
+      raise NotImplementedError(
+          f'frog_optax could not capture {module!r}: its inputs have an extra'
+          f' stacked axis (shape {xs[0].shape}).' + _LIFTED_HINT
+      )
     x = jnp.concatenate(xs) if len(xs) > 1 else xs[0]
     dy = [d.reshape((-1,) + d.shape[-(x.ndim - 1):]) for d in dys]
     dy = jnp.concatenate(dy) if len(dy) > 1 else dy[0]
@@ -300,9 +321,23 @@ def _assemble_stats(session: _Session, output_grads: list[Any]):
     # scale-free), so that small dy² do not underflow.
     dy = dy * session.batch_size[module]
     captured[module] = stats_lib.LayerStats(
-        inputs=x, output_grads=dy, geometry=session.geometry[module]
+        inputs=x, output_grads=dy, geometry=geometry
     )
   return captured
+
+
+def _check_all_perturbed(session: _Session, perturbation_shapes) -> None:
+  """Layers whose capture collections were dropped by a lifted transform."""
+  seen = set()
+  for tree in perturbation_shapes:
+    for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]:
+      seen.add(stats_lib.path_name(path[:-1]))
+  lost = sorted(set(session.geometry) - seen)
+  if lost:
+    raise NotImplementedError(
+        f'frog_optax could not capture {lost}: the capture collections did'
+        ' not come back from the apply.' + _LIFTED_HINT
+    )
 
 
 def value_and_grad(
@@ -368,6 +403,7 @@ def value_and_grad(
         lambda p: (run(discovery, [], p), discovery.collected_perturbations),
         params,
     )[1]
+    _check_all_perturbed(discovery, shapes)
     zeros = [
         jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), tree)
         for tree in shapes

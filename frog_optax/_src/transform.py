@@ -253,6 +253,7 @@ def reference_fallback(
     nesterov: bool = False,
     weight_decay: Any = 0.0,
     weight_decay_mask: Any = None,
+    mu_dtype: Any = None,
 ) -> optax.GradientTransformation:
   """The reference FROG's rule for other parameters: momentum SGD.
 
@@ -261,9 +262,21 @@ def reference_fallback(
   """
   return optax.chain(
       optax.add_decayed_weights(weight_decay, weight_decay_mask),
-      optax.trace(decay=momentum, nesterov=nesterov),
+      optax.trace(decay=momentum, nesterov=nesterov,
+                  accumulator_dtype=mu_dtype),
       optax.scale_by_learning_rate(learning_rate),
   )
+
+
+def _cast_to_param_dtypes() -> optax.GradientTransformation:
+  """Returns updates in the parameter dtypes (momentum may be wider)."""
+
+  def update_fn(updates, state, params=None):
+    if params is None:
+      return updates, state
+    return jax.tree.map(lambda u, p: u.astype(p.dtype), updates, params), state
+
+  return optax.GradientTransformation(lambda _: optax.EmptyState(), update_fn)
 
 
 def frog(
@@ -316,7 +329,8 @@ def frog(
     other_lr_ratio: learning-rate ratio of the default fallback (default
       0.25); not allowed together with `fallback`.
     eps: ε > 0 in the step normalisation.
-    mu_dtype: dtype of the momentum buffers (default: the parameter dtype).
+    mu_dtype: dtype of the momentum buffers (default: the parameter dtype);
+      updates are returned in the parameter dtypes either way.
 
   Returns:
     An `optax.GradientTransformationExtraArgs`; `update` requires the keyword
@@ -371,6 +385,7 @@ def frog(
         nesterov=nesterov,
         weight_decay=weight_decay,
         weight_decay_mask=weight_decay_mask,
+        mu_dtype=mu_dtype,
     )
   exclude = validation.normalize_paths('exclude', exclude)
 
@@ -382,7 +397,10 @@ def frog(
       optax.add_decayed_weights(weight_decay, weight_decay_mask),
       optax.scale_by_learning_rate(learning_rate),
   )
-  return optax.partition(
-      {PRECONDITIONED: preconditioned, FALLBACK: fallback},
-      lambda params: frog_param_labels(params, exclude),
+  return optax.chain(
+      optax.partition(
+          {PRECONDITIONED: preconditioned, FALLBACK: fallback},
+          lambda params: frog_param_labels(params, exclude),
+      ),
+      _cast_to_param_dtypes(),
   )
