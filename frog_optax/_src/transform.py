@@ -319,7 +319,10 @@ def frog(
     weight_decay_mask: optional mask (tree or callable) selecting the
       parameters that decay, as in `optax.add_decayed_weights`.
     damping: τ >= 0 relative to the mean Fisher eigenvalue; float or schedule.
-    cg_iters: CG iterations k >= 1 (3-5 recommended; more fits noise).
+    cg_iters: CG iterations k >= 1 (3-5 recommended; more fits noise). A
+      Python int is unrolled; under `optax.inject_hyperparams` pass
+      `static_args=('cg_iters',)` to keep it so (a traced count runs a
+      `fori_loop`, which XLA:CPU executes several times slower).
     exclude: module paths ('/'-joined, e.g. `('head', 'block3/Dense_0')`)
       sent to the fallback even when captured. Excluding the final classifier
       is recommended.

@@ -1,0 +1,30 @@
+"""The example's small conv net: conv-BN-relu blocks and a linear head."""
+
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+
+class ConvNet(nn.Module):
+  """`len(features)` conv-BN-relu blocks, global average pool, Dense head.
+
+  Works on images `(B, H, W, C)` and signals `(B, L, C)`: the kernel rank
+  follows the input. Blocks after the first downsample by 2.
+  """
+
+  features: Sequence[int] = (32, 64, 64)
+  num_classes: int = 10
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool = True):
+    spatial = x.ndim - 2
+    for i, width in enumerate(self.features):
+      x = nn.Conv(width, (3,) * spatial, strides=1 if i == 0 else 2,
+                  use_bias=False, dtype=self.dtype, name=f'conv{i}')(x)
+      x = nn.BatchNorm(use_running_average=not train, dtype=self.dtype,
+                       name=f'bn{i}')(x)
+      x = nn.relu(x)
+    x = x.mean(axis=tuple(range(1, 1 + spatial)))
+    return nn.Dense(self.num_classes, dtype=self.dtype, name='head')(x)
