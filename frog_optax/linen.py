@@ -16,7 +16,7 @@ static layer geometry goes through the Python-side session.
 import contextlib
 import dataclasses
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 import flax
@@ -36,8 +36,8 @@ PERTURBATIONS = 'frog_perturbations'
 _SOW_NAME = 'inputs'
 _CAPTURED_TYPES = (nn.Dense, nn.Conv)
 _LIFTED_HINT = (
-    ' It was probably called inside nn.scan or nn.vmap, whose stacked layers'
-    ' FROG does not capture yet; exclude it with frog(..., exclude=...).'
+  ' It was probably called inside nn.scan or nn.vmap, whose stacked layers'
+  ' FROG does not capture yet; exclude it with frog(..., exclude=...).'
 )
 
 
@@ -52,7 +52,7 @@ class _Session:
   collected_inputs: list[Any] = dataclasses.field(default_factory=list)
   collected_perturbations: list[Any] = dataclasses.field(default_factory=list)
   geometry: dict[str, stats_lib.LayerGeometry] = dataclasses.field(
-      default_factory=dict
+    default_factory=dict
   )
   batch_size: dict[str, int] = dataclasses.field(default_factory=dict)
   num_applies: int = 0
@@ -90,8 +90,8 @@ def _tuple(value, n):
 def _unsupported(module: nn.Module, why: str) -> NotImplementedError:
   path = '/'.join(module.scope.path) if module.scope else '?'
   return NotImplementedError(
-      f'frog_optax cannot capture {type(module).__name__} at {path!r}: {why}.'
-      f" Exclude it with frog(..., exclude=('{path}',))."
+    f'frog_optax cannot capture {type(module).__name__} at {path!r}: {why}.'
+    f" Exclude it with frog(..., exclude=('{path}',))."
   )
 
 
@@ -101,7 +101,7 @@ def _check_supported(module: nn.Module) -> None:
       raise _unsupported(module, 'a custom dot_general is set')
   else:
     if module.conv_general_dilated_cls is not None or (
-        module.conv_general_dilated not in (None, lax.conv_general_dilated)
+      module.conv_general_dilated not in (None, lax.conv_general_dilated)
     ):
       raise _unsupported(module, 'a custom conv_general_dilated is set')
     if module.mask is not None:
@@ -112,8 +112,8 @@ def _is_captured(module: nn.Module) -> bool:
   # Only the stock __call__: a subclass that overrides it may not be the
   # linear map we model.
   return any(
-      isinstance(module, t) and type(module).__call__ is t.__call__
-      for t in _CAPTURED_TYPES
+    isinstance(module, t) and type(module).__call__ is t.__call__
+    for t in _CAPTURED_TYPES
   )
 
 
@@ -136,8 +136,9 @@ def _conv_lax_inputs(module: nn.Conv, x: jax.Array):
   elif padding == 'CAUSAL':
     if n != 1:
       raise _unsupported(module, 'CAUSAL padding is 1-D only')
-    x = jnp.pad(x, [(0, 0), ((kernel_size[0] - 1) * kernel_dilation[0], 0),
-                    (0, 0)])
+    x = jnp.pad(
+      x, [(0, 0), ((kernel_size[0] - 1) * kernel_dilation[0], 0), (0, 0)]
+    )
     padding = 'VALID'
   if isinstance(padding, str):
     if padding not in ('SAME', 'VALID', 'SAME_LOWER'):
@@ -152,11 +153,11 @@ def _conv_lax_inputs(module: nn.Conv, x: jax.Array):
     if len(pads) == 1 and n > 1:
       pads = pads * n
   geometry = stats_lib.ConvGeometry(
-      strides=strides,
-      padding=tuple((int(lo), int(hi)) for lo, hi in pads),
-      input_dilation=input_dilation,
-      kernel_dilation=kernel_dilation,
-      feature_group_count=int(module.feature_group_count),
+    strides=strides,
+    padding=tuple((int(lo), int(hi)) for lo, hi in pads),
+    input_dilation=input_dilation,
+    kernel_dilation=kernel_dilation,
+    feature_group_count=int(module.feature_group_count),
   )
   return x, geometry
 
@@ -175,9 +176,9 @@ def _interceptor(next_fun, args, kwargs, context):
   module = context.module
   session = _current_session()
   if (
-      session is None
-      or context.method_name != '__call__'
-      or not _is_captured(module)
+    session is None
+    or context.method_name != '__call__'
+    or not _is_captured(module)
   ):
     return next_fun(*args, **kwargs)
   _check_supported(module)
@@ -188,12 +189,12 @@ def _interceptor(next_fun, args, kwargs, context):
   num_feature_dims = len(_tuple(module.kernel_size, 1)) + 1 if is_conv else 1
   if x.ndim <= num_feature_dims:
     raise _unsupported(
-        module, f'inputs of shape {x.shape} have no batch axis to sample from'
+      module, f'inputs of shape {x.shape} have no batch axis to sample from'
     )
   rows = _sample_rows(x.shape[0], session)
   x_rows = lax.stop_gradient(x[rows])
   # Fold extra leading axes into the sample axis: they are samples too.
-  x_rows = x_rows.reshape((-1,) + x.shape[x.ndim - num_feature_dims:])
+  x_rows = x_rows.reshape((-1,) + x.shape[x.ndim - num_feature_dims :])
   if is_conv:
     x_rows, geometry = _conv_lax_inputs(module, x_rows)
   else:
@@ -209,12 +210,15 @@ def _interceptor(next_fun, args, kwargs, context):
   y_rows_shape = jax.eval_shape(lambda t: t[rows], y).shape
   try:
     perturbation = module.variable(
-        PERTURBATIONS, f'output_grads_{index}', jnp.zeros, y_rows_shape,
-        y.dtype,
+      PERTURBATIONS,
+      f'output_grads_{index}',
+      jnp.zeros,
+      y_rows_shape,
+      y.dtype,
     )
   except flax.errors.ScopeCollectionNotFound as e:
     raise NotImplementedError(
-        f'frog_optax could not capture {path!r}.' + _LIFTED_HINT
+      f'frog_optax could not capture {path!r}.' + _LIFTED_HINT
     ) from e
   return y.at[rows].add(perturbation.value)
 
@@ -290,8 +294,8 @@ def _assemble_stats(session: _Session, output_grads: list[Any]):
       flat_inputs.setdefault(module, []).append(leaf)
     # Leaves are named output_grads_<call index>; order them by that index.
     by_call = sorted(
-        jax.tree_util.tree_flatten_with_path(grads_tree)[0],
-        key=lambda item: int(stats_lib.key_name(item[0][-1]).rsplit('_', 1)[1]),
+      jax.tree_util.tree_flatten_with_path(grads_tree)[0],
+      key=lambda item: int(stats_lib.key_name(item[0][-1]).rsplit('_', 1)[1]),
     )
     for path, leaf in by_call:
       module = stats_lib.path_name(path[:-1])
@@ -301,27 +305,28 @@ def _assemble_stats(session: _Session, output_grads: list[Any]):
     dys = flat_grads[module]
     if len({x.shape[1:] for x in xs}) > 1:
       raise NotImplementedError(
-          f'{module!r} was called on inputs of different shapes'
-          f' {[x.shape for x in xs]}; FROG stats cannot be combined. Exclude it.'
+        f'{module!r} was called on inputs of different shapes'
+        f' {[x.shape for x in xs]}; FROG stats cannot be combined. Exclude it.'
       )
     geometry = session.geometry[module]
     expected_ndim = (
-        2 if isinstance(geometry, stats_lib.DenseGeometry)
-        else geometry.num_spatial_dims + 2
+      2
+      if isinstance(geometry, stats_lib.DenseGeometry)
+      else geometry.num_spatial_dims + 2
     )
     if xs[0].ndim != expected_ndim:
       raise NotImplementedError(
-          f'frog_optax could not capture {module!r}: its inputs have an extra'
-          f' stacked axis (shape {xs[0].shape}).' + _LIFTED_HINT
+        f'frog_optax could not capture {module!r}: its inputs have an extra'
+        f' stacked axis (shape {xs[0].shape}).' + _LIFTED_HINT
       )
     x = jnp.concatenate(xs) if len(xs) > 1 else xs[0]
-    dy = [d.reshape((-1,) + d.shape[-(x.ndim - 1):]) for d in dys]
+    dy = [d.reshape((-1,) + d.shape[-(x.ndim - 1) :]) for d in dys]
     dy = jnp.concatenate(dy) if len(dy) > 1 else dy[0]
     # A mean-reduced loss scales dy by 1/B: undo it (the solve is
     # scale-free), so that small dy² do not underflow.
     dy = dy * session.batch_size[module]
     captured[module] = stats_lib.LayerStats(
-        inputs=x, output_grads=dy, geometry=geometry
+      inputs=x, output_grads=dy, geometry=geometry
     )
   return captured
 
@@ -335,18 +340,18 @@ def _check_all_perturbed(session: _Session, perturbation_shapes) -> None:
   lost = sorted(set(session.geometry) - seen)
   if lost:
     raise NotImplementedError(
-        f'frog_optax could not capture {lost}: the capture collections did'
-        ' not come back from the apply.' + _LIFTED_HINT
+      f'frog_optax could not capture {lost}: the capture collections did'
+      ' not come back from the apply.' + _LIFTED_HINT
     )
 
 
 def value_and_grad(
-    fun: Callable[..., Any],
-    argnums: int = 0,
-    *,
-    sample_size: int | None,
-    has_aux: bool = False,
-    rng: jax.Array | None = None,
+  fun: Callable[..., Any],
+  argnums: int = 0,
+  *,
+  sample_size: int | None,
+  has_aux: bool = False,
+  rng: jax.Array | None = None,
 ) -> Callable[..., tuple[Any, Any, Any]]:
   """Like `jax.value_and_grad`, plus the FROG stats of captured layers.
 
@@ -400,17 +405,17 @@ def value_and_grad(
 
     discovery = _Session(True, sample_size, rng)
     shapes = jax.eval_shape(
-        lambda p: (run(discovery, [], p), discovery.collected_perturbations),
-        params,
+      lambda p: (run(discovery, [], p), discovery.collected_perturbations),
+      params,
     )[1]
     _check_all_perturbed(discovery, shapes)
     zeros = [
-        jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), tree)
-        for tree in shapes
+      jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), tree)
+      for tree in shapes
     ]
     session = _Session(False, sample_size, rng)
     (loss, (aux, _)), (grads, output_grads) = jax.value_and_grad(
-        lambda p, z: run(session, z, p), argnums=(0, 1), has_aux=True
+      lambda p, z: run(session, z, p), argnums=(0, 1), has_aux=True
     )(params, zeros)
     stats = stats_lib.stats_tree(params, _assemble_stats(session, output_grads))
     value = (loss, aux) if has_aux else loss
@@ -426,19 +431,21 @@ class TrainState(train_state.TrainState):
   them to `tx.update`.
 
   Example:
-    >>> state = state.apply_gradients(grads=grads, frog_stats=stats)  # doctest: +SKIP
+    >>> # state = state.apply_gradients(grads=grads, frog_stats=stats)
   """
 
   def apply_gradients(self, *, grads, **kwargs):
     update_kwargs = {
-        k: kwargs.pop(k) for k in list(kwargs) if k not in self.__dataclass_fields__
+      k: kwargs.pop(k)
+      for k in list(kwargs)
+      if k not in self.__dataclass_fields__
     }
     updates, new_opt_state = self.tx.update(
-        grads, self.opt_state, self.params, **update_kwargs
+      grads, self.opt_state, self.params, **update_kwargs
     )
     new_params = optax.apply_updates(self.params, updates)
     return self.replace(
-        step=self.step + 1, params=new_params, opt_state=new_opt_state, **kwargs
+      step=self.step + 1, params=new_params, opt_state=new_opt_state, **kwargs
     )
 
 
@@ -450,5 +457,11 @@ def describe(params: Any, stats: Any, exclude=()) -> str:
   return describe_lib.describe(params, stats, exclude)
 
 
-__all__ = ['INPUTS', 'PERTURBATIONS', 'TrainState', 'capture', 'describe',
-           'value_and_grad']
+__all__ = [
+  'INPUTS',
+  'PERTURBATIONS',
+  'TrainState',
+  'capture',
+  'describe',
+  'value_and_grad',
+]

@@ -9,8 +9,9 @@ import itertools
 import numpy as np
 
 
-def conv_patches(x, kernel_spatial, strides, padding, input_dilation,
-                 kernel_dilation):
+def conv_patches(
+  x, kernel_spatial, strides, padding, input_dilation, kernel_dilation
+):
   """im2col: `(n, *out_spatial, *kernel_spatial, c_in)` input patches.
 
   x: `(n, *spatial, c_in)`; padding: explicit `(low, high)` pairs (>= 0).
@@ -18,24 +19,28 @@ def conv_patches(x, kernel_spatial, strides, padding, input_dilation,
   x = np.asarray(x, np.float64)
   nsp = x.ndim - 2
   # Input (lhs) dilation inserts zeros between input elements.
-  dil_shape = [x.shape[0]] + [
-      (x.shape[1 + i] - 1) * input_dilation[i] + 1 for i in range(nsp)
-  ] + [x.shape[-1]]
+  dil_shape = (
+    [x.shape[0]]
+    + [(x.shape[1 + i] - 1) * input_dilation[i] + 1 for i in range(nsp)]
+    + [x.shape[-1]]
+  )
   xd = np.zeros(dil_shape)
   xd[(slice(None),) + tuple(slice(None, None, d) for d in input_dilation)] = x
   xp = np.pad(xd, [(0, 0)] + [tuple(p) for p in padding] + [(0, 0)])
   out_spatial = [
-      (xp.shape[1 + i] - ((kernel_spatial[i] - 1) * kernel_dilation[i] + 1))
-      // strides[i] + 1
-      for i in range(nsp)
+    (xp.shape[1 + i] - ((kernel_spatial[i] - 1) * kernel_dilation[i] + 1))
+    // strides[i]
+    + 1
+    for i in range(nsp)
   ]
   patches = np.zeros(
-      [x.shape[0]] + out_spatial + list(kernel_spatial) + [x.shape[-1]]
+    [x.shape[0]] + out_spatial + list(kernel_spatial) + [x.shape[-1]]
   )
   for o in itertools.product(*[range(s) for s in out_spatial]):
     for k in itertools.product(*[range(s) for s in kernel_spatial]):
-      idx = tuple(o[i] * strides[i] + k[i] * kernel_dilation[i]
-                  for i in range(nsp))
+      idx = tuple(
+        o[i] * strides[i] + k[i] * kernel_dilation[i] for i in range(nsp)
+      )
       patches[(slice(None),) + o + k] = xp[(slice(None),) + idx]
   return patches
 
@@ -51,11 +56,11 @@ def row_feature_matrices(patches, num_rows, groups, has_bias):
   c_group = c_in // groups
   rows_per_group = num_rows // groups
   # (n·t, *kernel_spatial, c_in)
-  flat = patches.reshape((-1,) + patches.shape[1 + nsp:])
+  flat = patches.reshape((-1,) + patches.shape[1 + nsp :])
   mats = []
   for j in range(num_rows):
     g = j // rows_per_group
-    a = flat[..., g * c_group:(g + 1) * c_group].reshape(flat.shape[0], -1)
+    a = flat[..., g * c_group : (g + 1) * c_group].reshape(flat.shape[0], -1)
     if has_bias:
       a = np.concatenate([a, np.ones((a.shape[0], 1))], axis=1)
     mats.append(a)
@@ -70,7 +75,7 @@ def normalized_row_fishers(features, output_grads, damping):
   out = []
   for j in range(rows):
     a = features[j]
-    f = (a * dy[:, j:j + 1] ** 2).T @ a / s
+    f = (a * dy[:, j : j + 1] ** 2).T @ a / s
     out.append(f / (np.trace(f) / d) + damping * np.eye(d))
   return np.stack(out)
 

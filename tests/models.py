@@ -17,16 +17,18 @@ class TinyNet(nn.Module):
 
   @nn.compact
   def __call__(self, x, train=True):
-    x = nn.Conv(4, (3, 3), strides=2, dtype=self.dtype,
-                param_dtype=self.dtype)(x)
-    x = nn.BatchNorm(use_running_average=not train, dtype=self.dtype,
-                     param_dtype=self.dtype)(x)
+    x = nn.Conv(4, (3, 3), strides=2, dtype=self.dtype, param_dtype=self.dtype)(
+      x
+    )
+    x = nn.BatchNorm(
+      use_running_average=not train, dtype=self.dtype, param_dtype=self.dtype
+    )(x)
     x = nn.relu(x)
-    x = nn.Conv(4, (3, 3), use_bias=False, dtype=self.dtype,
-                param_dtype=self.dtype)(x)
+    x = nn.Conv(
+      4, (3, 3), use_bias=False, dtype=self.dtype, param_dtype=self.dtype
+    )(x)
     x = x.mean(axis=(1, 2))
-    return nn.Dense(3, name='head', dtype=self.dtype,
-                    param_dtype=self.dtype)(x)
+    return nn.Dense(3, name='head', dtype=self.dtype, param_dtype=self.dtype)(x)
 
 
 def setup(dtype=jnp.float32, seed=0):
@@ -43,10 +45,12 @@ def make_loss(model, scale=1.0):
   apply_fn = fo.linen.capture(model.apply)
 
   def loss_fn(params, batch_stats, x, y):
-    logits, state = apply_fn({'params': params, 'batch_stats': batch_stats},
-                             x, mutable=['batch_stats'])
+    logits, state = apply_fn(
+      {'params': params, 'batch_stats': batch_stats}, x, mutable=['batch_stats']
+    )
     loss = optax.softmax_cross_entropy_with_integer_labels(
-        logits.astype(jnp.float32), y).mean()
+      logits.astype(jnp.float32), y
+    ).mean()
     return scale * loss, state
 
   return loss_fn
@@ -56,6 +60,6 @@ def grads_and_stats(dtype=jnp.float32, sample_size=4, scale=1.0, seed=0):
   model, variables, x, y = setup(dtype, seed)
   loss_fn = make_loss(model, scale)
   _, grads, stats = fo.linen.value_and_grad(
-      loss_fn, sample_size=sample_size, has_aux=True)(
-          variables['params'], variables['batch_stats'], x, y)
+    loss_fn, sample_size=sample_size, has_aux=True
+  )(variables['params'], variables['batch_stats'], x, y)
   return variables['params'], grads, stats

@@ -1,7 +1,6 @@
 """Batched CG against textbook CG and `jnp.linalg.solve` (float64)."""
 
 import chex
-import explicit
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,6 +8,8 @@ import pytest
 
 import frog_optax as fo
 from frog_optax._src import fisher
+
+import explicit
 
 ROWS, D = 5, 7
 
@@ -29,45 +30,51 @@ def block_matvec(blocks):
 
 
 class BatchedCGTest(chex.TestCase):
-
   @chex.variants(with_jit=True, without_jit=True)
   def test_k_steps_equal_textbook_cg(self):
     blocks = spd_blocks(0)
     b = np.random.default_rng(1).normal(size=(D, ROWS))
     for k in (1, 2, 4):
       solve = self.variant(
-          lambda rhs, k=k: fo.batched_cg(block_matvec(blocks), rhs, k,
-                                         fisher.row_inner))
+        lambda rhs, k=k: fo.batched_cg(
+          block_matvec(blocks), rhs, k, fisher.row_inner
+        )
+      )
       got = solve({'kernel': jnp.asarray(b)})['kernel']
-      want = np.stack([explicit.textbook_cg(blocks[j], b[:, j], k)
-                       for j in range(ROWS)], axis=1)
+      want = np.stack(
+        [explicit.textbook_cg(blocks[j], b[:, j], k) for j in range(ROWS)],
+        axis=1,
+      )
       np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
 
   @chex.variants(with_jit=True, without_jit=True)
   def test_d_steps_solve_exactly(self):
     blocks = spd_blocks(2, cond=10.0)
     b = np.random.default_rng(3).normal(size=(D, ROWS))
-    got = self.variant(lambda rhs: fo.batched_cg(
-        block_matvec(blocks), rhs, D, fisher.row_inner))(
-            {'kernel': jnp.asarray(b)})['kernel']
-    want = np.stack([np.linalg.solve(blocks[j], b[:, j]) for j in range(ROWS)],
-                    axis=1)
+    got = self.variant(
+      lambda rhs: fo.batched_cg(block_matvec(blocks), rhs, D, fisher.row_inner)
+    )({'kernel': jnp.asarray(b)})['kernel']
+    want = np.stack(
+      [np.linalg.solve(blocks[j], b[:, j]) for j in range(ROWS)], axis=1
+    )
     np.testing.assert_allclose(got, want, rtol=1e-8)
 
   def test_rows_are_independent(self):
     blocks = spd_blocks(4)
     b = np.random.default_rng(5).normal(size=(D, ROWS))
     b[:, 2] = 0.0  # a zero row must not disturb the others
-    got = fo.batched_cg(block_matvec(blocks), {'kernel': jnp.asarray(b)}, 3,
-                        fisher.row_inner)['kernel']
+    got = fo.batched_cg(
+      block_matvec(blocks), {'kernel': jnp.asarray(b)}, 3, fisher.row_inner
+    )['kernel']
     np.testing.assert_array_equal(got[:, 2], 0.0)
     want = explicit.textbook_cg(blocks[0], b[:, 0], 3)
     np.testing.assert_allclose(got[:, 0], want, rtol=1e-10)
 
   def test_zero_operator_breakdown_stays_finite(self):
     b = {'kernel': jnp.ones((D, ROWS))}
-    got = fo.batched_cg(lambda v: jax.tree.map(jnp.zeros_like, v), b, 4,
-                        fisher.row_inner)
+    got = fo.batched_cg(
+      lambda v: jax.tree.map(jnp.zeros_like, v), b, 4, fisher.row_inner
+    )
     np.testing.assert_array_equal(got['kernel'], 0.0)
 
   def test_multi_leaf_rows_share_scalars(self):
@@ -81,11 +88,15 @@ class BatchedCGTest(chex.TestCase):
       return {'kernel': out[:3], 'bias': out[3]}
 
     b = np.random.default_rng(7).normal(size=(4, ROWS))
-    got = fo.batched_cg(matvec, {'kernel': jnp.asarray(b[:3]),
-                                 'bias': jnp.asarray(b[3])}, 2,
-                        fisher.row_inner)
-    want = np.stack([explicit.textbook_cg(blocks[j], b[:, j], 2)
-                     for j in range(ROWS)], axis=1)
+    got = fo.batched_cg(
+      matvec,
+      {'kernel': jnp.asarray(b[:3]), 'bias': jnp.asarray(b[3])},
+      2,
+      fisher.row_inner,
+    )
+    want = np.stack(
+      [explicit.textbook_cg(blocks[j], b[:, j], 2) for j in range(ROWS)], axis=1
+    )
     np.testing.assert_allclose(got['kernel'], want[:3], rtol=1e-10)
     np.testing.assert_allclose(got['bias'], want[3], rtol=1e-10)
 
@@ -95,7 +106,8 @@ def test_traced_iteration_count(k):
   # optax.inject_hyperparams turns cg_iters into an array.
   blocks = spd_blocks(8)
   b = {'kernel': jnp.asarray(np.random.default_rng(9).normal(size=(D, ROWS)))}
-  got = jax.jit(lambda rhs, k: fo.batched_cg(block_matvec(blocks), rhs, k,
-                                             fisher.row_inner))(b, jnp.int32(k))
+  got = jax.jit(
+    lambda rhs, k: fo.batched_cg(block_matvec(blocks), rhs, k, fisher.row_inner)
+  )(b, jnp.int32(k))
   want = fo.batched_cg(block_matvec(blocks), b, k, fisher.row_inner)
   np.testing.assert_allclose(got['kernel'], want['kernel'], rtol=1e-12)

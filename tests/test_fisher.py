@@ -1,38 +1,43 @@
 """The row-wise Fisher operator against explicit per-row matrices (float64)."""
 
-import explicit
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from layer_cases import DAMPING, LAYERS, dense_matrix, make_layer
 
 import frog_optax as fo
 from frog_optax._src import fisher
+
+import explicit
+from layer_cases import DAMPING
+from layer_cases import LAYERS
+from layer_cases import dense_matrix
+from layer_cases import make_layer
 
 
 @pytest.mark.parametrize('has_bias', [False, True], ids=['nobias', 'bias'])
 @pytest.mark.parametrize('spec', LAYERS, ids=[s[0] for s in LAYERS])
 class TestRowFisherOperator:
-
   def test_forward_map_matches_explicit_patches(self, spec, has_bias):
     stats, params, features = make_layer(spec, has_bias)
     rows = explicit.rows_to_vectors(params['kernel'], params.get('bias'))
     want = np.einsum('jnd,jd->nj', features, rows)
     got = fisher.layer_forward(stats.geometry, stats.inputs, params)
-    np.testing.assert_allclose(np.asarray(got).reshape(-1, rows.shape[0]),
-                               want, rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(
+      np.asarray(got).reshape(-1, rows.shape[0]), want, rtol=1e-10, atol=1e-10
+    )
 
   def test_operator_equals_explicit_block_diagonal(self, spec, has_bias):
     stats, params, features = make_layer(spec, has_bias)
     op = fo.row_fisher_operator(stats, params, DAMPING, jnp.float64)
     got = dense_matrix(op, params['kernel'].shape, has_bias)
-    blocks = explicit.normalized_row_fishers(features, stats.output_grads,
-                                             DAMPING)
+    blocks = explicit.normalized_row_fishers(
+      features, stats.output_grads, DAMPING
+    )
     rows, d, _ = blocks.shape
     want = np.zeros((rows * d, rows * d))
     for j in range(rows):
-      want[j * d:(j + 1) * d, j * d:(j + 1) * d] = blocks[j]
+      want[j * d : (j + 1) * d, j * d : (j + 1) * d] = blocks[j]
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-9)
 
   def test_transpose_is_adjoint_of_forward(self, spec, has_bias):
@@ -43,26 +48,40 @@ class TestRowFisherOperator:
     w = jnp.asarray(rng.normal(size=out.shape))
     transpose = fisher.layer_transpose(stats.geometry, stats.inputs, params)
     lhs = float(jnp.vdot(out, w))
-    rhs = sum(float(jnp.vdot(a, b))
-              for a, b in zip(jax.tree.leaves(v), jax.tree.leaves(transpose(w))))
+    rhs = sum(
+      float(jnp.vdot(a, b))
+      for a, b in zip(jax.tree.leaves(v), jax.tree.leaves(transpose(w)))
+    )
     np.testing.assert_allclose(lhs, rhs, rtol=1e-10)
 
 
 def test_operator_is_invariant_to_output_grad_scale():
   stats, params, _ = make_layer(LAYERS[2], True)
   scaled = fo.LayerStats(stats.inputs, 1e4 * stats.output_grads, stats.geometry)
-  a = dense_matrix(fo.row_fisher_operator(stats, params, DAMPING, jnp.float64),
-                   params['kernel'].shape, True)
-  b = dense_matrix(fo.row_fisher_operator(scaled, params, DAMPING, jnp.float64),
-                   params['kernel'].shape, True)
+  a = dense_matrix(
+    fo.row_fisher_operator(stats, params, DAMPING, jnp.float64),
+    params['kernel'].shape,
+    True,
+  )
+  b = dense_matrix(
+    fo.row_fisher_operator(scaled, params, DAMPING, jnp.float64),
+    params['kernel'].shape,
+    True,
+  )
   np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
 
 
 def test_zero_statistics_leave_only_damping():
   stats, params, _ = make_layer(LAYERS[1], True)
-  zero = fo.LayerStats(jnp.zeros_like(stats.inputs),
-                       jnp.zeros_like(stats.output_grads), stats.geometry)
-  got = dense_matrix(fo.row_fisher_operator(zero, params, DAMPING, jnp.float64),
-                     params['kernel'].shape, True)
+  zero = fo.LayerStats(
+    jnp.zeros_like(stats.inputs),
+    jnp.zeros_like(stats.output_grads),
+    stats.geometry,
+  )
+  got = dense_matrix(
+    fo.row_fisher_operator(zero, params, DAMPING, jnp.float64),
+    params['kernel'].shape,
+    True,
+  )
   assert np.all(np.isfinite(got))
   np.testing.assert_allclose(got, DAMPING * np.eye(got.shape[0]), atol=1e-15)

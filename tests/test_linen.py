@@ -33,8 +33,8 @@ def test_full_sample_transpose_reproduces_kernel_gradient():
   model, variables, x, y = models.setup(jnp.float64)
   loss_fn = models.make_loss(model)
   _, grads, stats = fo.linen.value_and_grad(
-      loss_fn, sample_size=None, has_aux=True)(
-          variables['params'], variables['batch_stats'], x, y)
+    loss_fn, sample_size=None, has_aux=True
+  )(variables['params'], variables['batch_stats'], x, y)
   for name in ('Conv_0', 'Conv_1', 'head'):
     st = stats[name]
     assert st.inputs.shape[0] == models.BATCH
@@ -66,27 +66,40 @@ class OneLayer(nn.Module):
 
 
 LAYERS = {
-    'dense_3d': (nn.Dense(3), (4, 5, 2)),
-    'dense_nobias': (nn.Dense(3, use_bias=False), (4, 2)),
-    'conv_same_stride': (nn.Conv(3, (3, 3), strides=2), (4, 7, 6, 2)),
-    'conv_valid': (nn.Conv(3, (2, 3), padding='VALID'), (4, 5, 6, 2)),
-    'conv_explicit': (nn.Conv(3, (3,), padding=((2, 1),)), (4, 7, 2)),
-    'conv_int_padding': (nn.Conv(3, (3, 3), padding=1), (4, 5, 5, 2)),
-    'conv_circular': (nn.Conv(3, (3, 3), padding='CIRCULAR'), (4, 5, 5, 2)),
-    'conv_reflect': (nn.Conv(3, (3, 3), padding='REFLECT', kernel_dilation=2),
-                     (4, 6, 6, 2)),
-    'conv_causal': (nn.Conv(3, (3,), padding='CAUSAL', kernel_dilation=2),
-                    (4, 8, 2)),
-    # lax refuses string padding with input dilation: explicit pairs.
-    'conv_dilations': (nn.Conv(4, (3, 3), input_dilation=(2, 1),
-                               kernel_dilation=(1, 2), strides=(1, 2),
-                               padding=((1, 2), (0, 1))),
-                       (4, 4, 7, 2)),
-    'conv_groups': (nn.Conv(4, (3, 3), feature_group_count=2), (4, 5, 5, 4)),
-    'conv_depthwise': (nn.Conv(6, (3, 3), feature_group_count=3,
-                               use_bias=False), (4, 5, 5, 3)),
-    'conv_3d': (nn.Conv(2, (2, 2, 2), strides=(1, 2, 1)), (4, 3, 4, 3, 2)),
-    'conv_two_batch_axes': (nn.Conv(3, (3,)), (4, 2, 6, 2)),
+  'dense_3d': (nn.Dense(3), (4, 5, 2)),
+  'dense_nobias': (nn.Dense(3, use_bias=False), (4, 2)),
+  'conv_same_stride': (nn.Conv(3, (3, 3), strides=2), (4, 7, 6, 2)),
+  'conv_valid': (nn.Conv(3, (2, 3), padding='VALID'), (4, 5, 6, 2)),
+  'conv_explicit': (nn.Conv(3, (3,), padding=((2, 1),)), (4, 7, 2)),
+  'conv_int_padding': (nn.Conv(3, (3, 3), padding=1), (4, 5, 5, 2)),
+  'conv_circular': (nn.Conv(3, (3, 3), padding='CIRCULAR'), (4, 5, 5, 2)),
+  'conv_reflect': (
+    nn.Conv(3, (3, 3), padding='REFLECT', kernel_dilation=2),
+    (4, 6, 6, 2),
+  ),
+  'conv_causal': (
+    nn.Conv(3, (3,), padding='CAUSAL', kernel_dilation=2),
+    (4, 8, 2),
+  ),
+  # lax refuses string padding with input dilation: explicit pairs.
+  'conv_dilations': (
+    nn.Conv(
+      4,
+      (3, 3),
+      input_dilation=(2, 1),
+      kernel_dilation=(1, 2),
+      strides=(1, 2),
+      padding=((1, 2), (0, 1)),
+    ),
+    (4, 4, 7, 2),
+  ),
+  'conv_groups': (nn.Conv(4, (3, 3), feature_group_count=2), (4, 5, 5, 4)),
+  'conv_depthwise': (
+    nn.Conv(6, (3, 3), feature_group_count=3, use_bias=False),
+    (4, 5, 5, 3),
+  ),
+  'conv_3d': (nn.Conv(2, (2, 2, 2), strides=(1, 2, 1)), (4, 3, 4, 3, 2)),
+  'conv_two_batch_axes': (nn.Conv(3, (3,)), (4, 2, 6, 2)),
 }
 
 
@@ -113,19 +126,21 @@ def test_random_subsample_with_key():
   loss_fn = models.make_loss(model)
   args = (variables['params'], variables['batch_stats'], x, y)
   key = jax.random.key(7)
-  _, _, stats = fo.linen.value_and_grad(loss_fn, sample_size=3, has_aux=True,
-                                        rng=key)(*args)
+  _, _, stats = fo.linen.value_and_grad(
+    loss_fn, sample_size=3, has_aux=True, rng=key
+  )(*args)
   rows = jnp.sort(jax.random.choice(key, models.BATCH, (3,), replace=False))
   np.testing.assert_array_equal(stats['Conv_0'].inputs, x[rows])
   # The same rows in every layer: the head sees the pooled features of `rows`.
-  _, _, stats_all = fo.linen.value_and_grad(loss_fn, sample_size=None,
-                                            has_aux=True)(*args)
-  np.testing.assert_allclose(stats['head'].inputs,
-                             stats_all['head'].inputs[rows], rtol=1e-6)
+  _, _, stats_all = fo.linen.value_and_grad(
+    loss_fn, sample_size=None, has_aux=True
+  )(*args)
+  np.testing.assert_allclose(
+    stats['head'].inputs, stats_all['head'].inputs[rows], rtol=1e-6
+  )
 
 
 class Nested(nn.Module):
-
   @nn.compact
   def __call__(self, x):
     x = nn.remat(nn.Dense)(4, name='checkpointed')(x)
@@ -135,7 +150,6 @@ class Nested(nn.Module):
 
 
 class Block(nn.Module):
-
   @nn.compact
   def __call__(self, x):
     return nn.Dense(2)(x)
@@ -149,12 +163,17 @@ def test_nested_remat_and_shared_modules():
   apply_fn = fo.linen.capture(model.apply)
   loss_fn = lambda p: jnp.mean(apply_fn({'params': p}, x) ** 2)
   loss, grads, stats = jax.jit(
-      fo.linen.value_and_grad(loss_fn, sample_size=None))(params)
+    fo.linen.value_and_grad(loss_fn, sample_size=None)
+  )(params)
   want_loss, want_grads = jax.value_and_grad(loss_fn)(params)
-  chex.assert_trees_all_close((loss, grads), (want_loss, want_grads),
-                              rtol=1e-12)
+  chex.assert_trees_all_close(
+    (loss, grads), (want_loss, want_grads), rtol=1e-12
+  )
   assert set(fo._src.stats.stats_by_path(stats)) == {
-      'checkpointed', 'shared', 'block/Dense_0'}
+    'checkpointed',
+    'shared',
+    'block/Dense_0',
+  }
   # Two call sites of `shared`: rows concatenated, and together they still
   # reproduce the full gradient.
   st = stats['shared']
@@ -167,17 +186,16 @@ def test_nested_remat_and_shared_modules():
 def test_scan_is_refused_loudly():
 
   class Cell(nn.Module):
-
     @nn.compact
     def __call__(self, x, _):
       return nn.relu(nn.Dense(4)(x)), None
 
   class Scanned(nn.Module):
-
     @nn.compact
     def __call__(self, x):
-      scan = nn.scan(Cell, variable_axes={'params': 0},
-                     split_rngs={'params': True}, length=2)
+      scan = nn.scan(
+        Cell, variable_axes={'params': 0}, split_rngs={'params': True}, length=2
+      )
       return scan()(x, None)[0].sum()
 
   model = Scanned()
@@ -185,15 +203,17 @@ def test_scan_is_refused_loudly():
   params = model.init(jax.random.key(0), x)['params']
   apply_fn = fo.linen.capture(model.apply)
   with pytest.raises(NotImplementedError, match='nn.scan'):
-    fo.linen.value_and_grad(lambda p: apply_fn({'params': p}, x),
-                            sample_size=2)(params)
+    fo.linen.value_and_grad(
+      lambda p: apply_fn({'params': p}, x), sample_size=2
+    )(params)
 
 
 def test_capture_outside_value_and_grad_is_plain_apply():
   model, variables, x, _ = models.setup()
   apply_fn = fo.linen.capture(model.apply)
-  chex.assert_trees_all_equal(apply_fn(variables, x, train=False),
-                              model.apply(variables, x, train=False))
+  chex.assert_trees_all_equal(
+    apply_fn(variables, x, train=False), model.apply(variables, x, train=False)
+  )
   out = apply_fn(variables, x, mutable=['batch_stats'])
   assert isinstance(out, tuple) and set(out[1]) == {'batch_stats'}
 
@@ -218,7 +238,6 @@ def test_unsupported_layers_name_the_module():
   mask = jnp.ones((3, 3, 2, 3))
 
   class Masked(nn.Module):
-
     @nn.compact
     def __call__(self, x):
       return nn.Conv(3, (3, 3), mask=mask, name='masked')(x).sum()
@@ -228,12 +247,12 @@ def test_unsupported_layers_name_the_module():
   params = model.init(jax.random.key(0), x)['params']
   apply_fn = fo.linen.capture(model.apply)
   with pytest.raises(NotImplementedError, match="'masked'.*exclude"):
-    fo.linen.value_and_grad(lambda p: apply_fn({'params': p}, x),
-                            sample_size=2)(params)
+    fo.linen.value_and_grad(
+      lambda p: apply_fn({'params': p}, x), sample_size=2
+    )(params)
 
   # A layer the capture does not know is not silently skipped.
   class Transposed(nn.Module):
-
     @nn.compact
     def __call__(self, x):
       return nn.ConvTranspose(2, (3, 3))(nn.Conv(2, (3, 3))(x)).sum()
@@ -242,7 +261,8 @@ def test_unsupported_layers_name_the_module():
   params = model.init(jax.random.key(0), x)['params']
   apply_fn = fo.linen.capture(model.apply)
   _, grads, stats = fo.linen.value_and_grad(
-      lambda p: apply_fn({'params': p}, x), sample_size=2)(params)
+    lambda p: apply_fn({'params': p}, x), sample_size=2
+  )(params)
   tx = fo.frog(0.1)
   with pytest.raises(ValueError, match='ConvTranspose_0/kernel'):
     tx.update(grads, tx.init(params), params, frog_stats=stats)
@@ -257,8 +277,9 @@ def test_unbatched_inputs_are_refused():
   params = model.init(jax.random.key(0), x)['params']
   apply_fn = fo.linen.capture(model.apply)
   with pytest.raises(NotImplementedError, match='no batch axis'):
-    fo.linen.value_and_grad(lambda p: apply_fn({'params': p}, x).sum(),
-                            sample_size=2)(params)
+    fo.linen.value_and_grad(
+      lambda p: apply_fn({'params': p}, x).sum(), sample_size=2
+    )(params)
 
 
 @pytest.mark.parametrize('sample_size', [0, -3, 2.5])
@@ -284,15 +305,18 @@ def test_describe_table():
 def test_train_state_forwards_frog_stats():
   model, variables, x, y = models.setup()
   tx = fo.frog(0.1, exclude='head')
-  state = fo.linen.TrainState.create(apply_fn=model.apply,
-                                     params=variables['params'], tx=tx)
+  state = fo.linen.TrainState.create(
+    apply_fn=model.apply, params=variables['params'], tx=tx
+  )
   loss_fn = models.make_loss(model)
-  _, grads, stats = fo.linen.value_and_grad(loss_fn, sample_size=4,
-                                            has_aux=True)(
-      state.params, variables['batch_stats'], x, y)
+  _, grads, stats = fo.linen.value_and_grad(
+    loss_fn, sample_size=4, has_aux=True
+  )(state.params, variables['batch_stats'], x, y)
   new_state = state.apply_gradients(grads=grads, frog_stats=stats)
-  updates, _ = tx.update(grads, tx.init(state.params), state.params,
-                         frog_stats=stats)
-  chex.assert_trees_all_close(new_state.params,
-                              optax.apply_updates(state.params, updates))
+  updates, _ = tx.update(
+    grads, tx.init(state.params), state.params, frog_stats=stats
+  )
+  chex.assert_trees_all_close(
+    new_state.params, optax.apply_updates(state.params, updates)
+  )
   assert int(new_state.step) == 1

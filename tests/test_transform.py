@@ -1,5 +1,7 @@
 """`frog`/`scale_by_frog`: reference loop, scale invariance, optax rules."""
 
+import warnings
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -11,14 +13,27 @@ import frog_optax as fo
 
 import explicit
 import models
-from layer_cases import LAYERS, make_layer
+from layer_cases import LAYERS
+from layer_cases import make_layer
 
 # --------------------------------------------------------------------------
 # The whole optimizer against a plain NumPy loop with explicit row Fishers.
 
 
-def reference_frog(params, grads_seq, stats_seq, *, lr, momentum, nesterov,
-                   wd, damping, k, eps, ratio):
+def reference_frog(
+  params,
+  grads_seq,
+  stats_seq,
+  *,
+  lr,
+  momentum,
+  nesterov,
+  wd,
+  damping,
+  k,
+  eps,
+  ratio,
+):
   """FROG by hand: explicit F̂_j, textbook CG, SGD fallback for 'norm'."""
   params = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
   mom = jax.tree.map(np.zeros_like, params)
@@ -29,14 +44,14 @@ def reference_frog(params, grads_seq, stats_seq, *, lr, momentum, nesterov,
       for leaf in p:
         m[leaf] = momentum * m[leaf] + g[leaf]
       direction = {
-          leaf: g[leaf] + momentum * m[leaf] if nesterov else m[leaf]
-          for leaf in p
+        leaf: g[leaf] + momentum * m[leaf] if nesterov else m[leaf]
+        for leaf in p
       }
       st, features = stats[name]
-      fishers = explicit.normalized_row_fishers(features, st.output_grads,
-                                                damping)
-      rhs = explicit.rows_to_vectors(direction['kernel'],
-                                     direction.get('bias'))
+      fishers = explicit.normalized_row_fishers(
+        features, st.output_grads, damping
+      )
+      rhs = explicit.rows_to_vectors(direction['kernel'], direction.get('bias'))
       u = []
       for j in range(rhs.shape[0]):
         z = explicit.textbook_cg(fishers[j], rhs[j], k)
@@ -48,7 +63,9 @@ def reference_frog(params, grads_seq, stats_seq, *, lr, momentum, nesterov,
     p, g, m = params['norm'], grads['norm'], mom['norm']
     for leaf in p:
       m[leaf] = momentum * m[leaf] + g[leaf] + wd * p[leaf]
-      step = g[leaf] + wd * p[leaf] + momentum * m[leaf] if nesterov else m[leaf]
+      step = (
+        g[leaf] + wd * p[leaf] + momentum * m[leaf] if nesterov else m[leaf]
+      )
       p[leaf] = p[leaf] - lr * ratio * step
   return params
 
@@ -58,27 +75,48 @@ def test_matches_reference_loop(nesterov):
   rng = np.random.default_rng(0)
   dense_stats, dense_params, dense_features = make_layer(LAYERS[0], True)
   conv_stats, conv_params, conv_features = make_layer(LAYERS[2], False)
-  params = {'dense': dense_params, 'conv': conv_params,
-            'norm': {'scale': jnp.asarray(rng.normal(size=3))}}
+  params = {
+    'dense': dense_params,
+    'conv': conv_params,
+    'norm': {'scale': jnp.asarray(rng.normal(size=3))},
+  }
   grads_seq, stats_seq, fo_stats_seq = [], [], []
   for step in range(3):
-    grads_seq.append(jax.tree.map(
-        lambda a: jnp.asarray(rng.normal(size=a.shape)), params))
+    grads_seq.append(
+      jax.tree.map(lambda a: jnp.asarray(rng.normal(size=a.shape)), params)
+    )
     ds, _, _ = make_layer(LAYERS[0], True, seed=10 + step)
     cs, _, _ = make_layer(LAYERS[2], False, seed=20 + step)
-    stats_seq.append({'dense': (ds, make_layer(LAYERS[0], True,
-                                               seed=10 + step)[2]),
-                      'conv': (cs, make_layer(LAYERS[2], False,
-                                              seed=20 + step)[2])})
+    stats_seq.append(
+      {
+        'dense': (ds, make_layer(LAYERS[0], True, seed=10 + step)[2]),
+        'conv': (cs, make_layer(LAYERS[2], False, seed=20 + step)[2]),
+      }
+    )
     fo_stats_seq.append({'dense': ds, 'conv': cs, 'norm': {'scale': None}})
   del dense_stats, conv_stats, dense_features, conv_features
-  hp = dict(lr=0.1, momentum=0.9, nesterov=nesterov, wd=0.01, damping=1e-3,
-            k=3, eps=1e-10, ratio=0.5)
+  hp = dict(
+    lr=0.1,
+    momentum=0.9,
+    nesterov=nesterov,
+    wd=0.01,
+    damping=1e-3,
+    k=3,
+    eps=1e-10,
+    ratio=0.5,
+  )
   want = reference_frog(params, grads_seq, stats_seq, **hp)
 
-  tx = fo.frog(hp['lr'], momentum=hp['momentum'], nesterov=nesterov,
-               weight_decay=hp['wd'], damping=hp['damping'], cg_iters=hp['k'],
-               eps=hp['eps'], other_lr_ratio=hp['ratio'])
+  tx = fo.frog(
+    hp['lr'],
+    momentum=hp['momentum'],
+    nesterov=nesterov,
+    weight_decay=hp['wd'],
+    damping=hp['damping'],
+    cg_iters=hp['k'],
+    eps=hp['eps'],
+    other_lr_ratio=hp['ratio'],
+  )
   state = tx.init(params)
   got = params
   for grads, stats in zip(grads_seq, fo_stats_seq):
@@ -91,8 +129,9 @@ def test_matches_reference_loop(nesterov):
 # Scale invariance and routing on a captured Flax model.
 
 
-@pytest.mark.parametrize('dtype, tol', [(jnp.float64, 1e-5),
-                                        (jnp.float32, 1e-4)])
+@pytest.mark.parametrize(
+  'dtype, tol', [(jnp.float64, 1e-5), (jnp.float32, 1e-4)]
+)
 def test_update_invariant_to_loss_scale(dtype, tol):
   # float32 gradients of the scaled loss differ by rounding (~1e-7), which
   # CG amplifies by the row condition number; float64 shows the algorithm.
@@ -109,14 +148,16 @@ def test_update_invariant_to_loss_scale(dtype, tol):
         assert np.abs(a - b).max() <= tol * np.abs(b).max()
   # Parameters FROG does not touch pass through unchanged, hence scaled.
   chex.assert_trees_all_close(
-      u_big['head'], jax.tree.map(lambda g: 1e3 * g, grads['head']), rtol=1e-4)
+    u_big['head'], jax.tree.map(lambda g: 1e3 * g, grads['head']), rtol=1e-4
+  )
 
 
 def test_each_row_moves_unit_fisher_distance():
   # With an exact solve (k = D), uᵀ F̂ u = 1 for every row.
   stats, params, features = make_layer(LAYERS[1], True)
-  g = jax.tree.map(lambda a: jnp.asarray(
-      np.random.default_rng(3).normal(size=a.shape)), params)
+  g = jax.tree.map(
+    lambda a: jnp.asarray(np.random.default_rng(3).normal(size=a.shape)), params
+  )
   d = features.shape[-1]
   u = fo.precondition_layer(stats, g, damping=1e-3, cg_iters=d, eps=0.0)
   fishers = explicit.normalized_row_fishers(features, stats.output_grads, 1e-3)
@@ -127,32 +168,44 @@ def test_each_row_moves_unit_fisher_distance():
 
 def test_excluded_layer_gets_default_fallback():
   params, grads, stats = models.grads_and_stats()
-  tx = fo.frog(0.2, momentum=0.9, weight_decay=0.1, exclude=('head',),
-               other_lr_ratio=0.5)
+  tx = fo.frog(
+    0.2, momentum=0.9, weight_decay=0.1, exclude=('head',), other_lr_ratio=0.5
+  )
   updates, _ = tx.update(grads, tx.init(params), params, frog_stats=stats)
-  want = jax.tree.map(lambda g, p: -0.2 * 0.5 * (g + 0.1 * p),
-                      grads['head'], params['head'])
+  want = jax.tree.map(
+    lambda g, p: -0.2 * 0.5 * (g + 0.1 * p), grads['head'], params['head']
+  )
   chex.assert_trees_all_close(updates['head'], want, rtol=1e-6)
   chex.assert_trees_all_close(
-      updates['BatchNorm_0'],
-      jax.tree.map(lambda g, p: -0.1 * (g + 0.1 * p), grads['BatchNorm_0'],
-                   params['BatchNorm_0']), rtol=1e-6)
+    updates['BatchNorm_0'],
+    jax.tree.map(
+      lambda g, p: -0.1 * (g + 0.1 * p),
+      grads['BatchNorm_0'],
+      params['BatchNorm_0'],
+    ),
+    rtol=1e-6,
+  )
   # A custom fallback replaces the default one.
   tx = fo.frog(0.2, exclude='head', fallback=optax.sgd(0.03))
   updates, _ = tx.update(grads, tx.init(params), params, frog_stats=stats)
-  chex.assert_trees_all_close(updates['head'],
-                              jax.tree.map(lambda g: -0.03 * g, grads['head']))
+  chex.assert_trees_all_close(
+    updates['head'], jax.tree.map(lambda g: -0.03 * g, grads['head'])
+  )
 
 
 def test_decoupled_weight_decay_and_mask():
   params, grads, stats = models.grads_and_stats()
   zeros = jax.tree.map(jnp.zeros_like, grads)
-  tx = fo.frog(0.5, weight_decay=0.1, exclude='head',
-               weight_decay_mask=lambda p: jax.tree.map(lambda a: a.ndim > 1,
-                                                        p))
+  tx = fo.frog(
+    0.5,
+    weight_decay=0.1,
+    exclude='head',
+    weight_decay_mask=lambda p: jax.tree.map(lambda a: a.ndim > 1, p),
+  )
   updates, _ = tx.update(zeros, tx.init(params), params, frog_stats=stats)
-  chex.assert_trees_all_close(updates['Conv_0']['kernel'],
-                              -0.5 * 0.1 * params['Conv_0']['kernel'])
+  chex.assert_trees_all_close(
+    updates['Conv_0']['kernel'], -0.5 * 0.1 * params['Conv_0']['kernel']
+  )
   np.testing.assert_array_equal(updates['Conv_0']['bias'], 0.0)
   np.testing.assert_array_equal(updates['BatchNorm_0']['scale'], 0.0)
 
@@ -181,8 +234,14 @@ def test_unknown_extra_args_are_ignored():
   params, grads, stats = models.grads_and_stats()
   tx = _frog()
   a, _ = tx.update(grads, tx.init(params), params, frog_stats=stats)
-  b, _ = tx.update(grads, tx.init(params), params, frog_stats=stats,
-                   unrelated=3, loss=jnp.ones(()))
+  b, _ = tx.update(
+    grads,
+    tx.init(params),
+    params,
+    frog_stats=stats,
+    unrelated=3,
+    loss=jnp.ones(()),
+  )
   chex.assert_trees_all_equal(a, b)
 
 
@@ -205,15 +264,15 @@ def test_no_recompile_on_second_update():
 
 def test_inject_hyperparams():
   params, grads, stats = models.grads_and_stats()
-  tx = optax.inject_hyperparams(fo.frog)(learning_rate=0.1, exclude=('head',),
-                                         weight_decay=0.0)
+  tx = optax.inject_hyperparams(fo.frog)(
+    learning_rate=0.1, exclude=('head',), weight_decay=0.0
+  )
   state = tx.init(params)
   update = jax.jit(lambda s: tx.update(grads, s, params, frog_stats=stats))
   u1, _ = update(state)
   state.hyperparams['learning_rate'] = jnp.asarray(0.3, jnp.float32)
   u3, _ = update(state)
-  chex.assert_trees_all_close(u3, jax.tree.map(lambda u: 3 * u, u1),
-                              rtol=1e-5)
+  chex.assert_trees_all_close(u3, jax.tree.map(lambda u: 3 * u, u1), rtol=1e-5)
 
 
 @pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
@@ -221,8 +280,8 @@ def test_dtypes_are_kept(dtype):
   params, grads, stats = models.grads_and_stats(dtype=dtype)
   tx = _frog()
   updates, state = jax.jit(
-      lambda g, s, p, st: tx.update(g, s, p, frog_stats=st))(
-          grads, tx.init(params), params, stats)
+    lambda g, s, p, st: tx.update(g, s, p, frog_stats=st)
+  )(grads, tx.init(params), params, stats)
   for u, p in zip(jax.tree.leaves(updates), jax.tree.leaves(params)):
     assert u.dtype == p.dtype
     assert np.all(np.isfinite(np.asarray(u, np.float32)))
@@ -255,23 +314,26 @@ def test_chain_and_partition():
   params, grads, stats = models.grads_and_stats(jnp.float64)
   clip = optax.clip_by_global_norm(1e-3)
   chained = optax.chain(clip, _frog())
-  got, _ = chained.update(grads, chained.init(params), params,
-                          frog_stats=stats)
+  got, _ = chained.update(grads, chained.init(params), params, frog_stats=stats)
   clipped, _ = clip.update(grads, clip.init(params))
-  want, _ = _frog().update(clipped, _frog().init(params), params,
-                           frog_stats=stats)
+  want, _ = _frog().update(
+    clipped, _frog().init(params), params, frog_stats=stats
+  )
   chex.assert_trees_all_close(got, want, rtol=1e-6)
 
   labels = jax.tree_util.tree_map_with_path(
-      lambda path, _: 'adam' if path[0].key == 'head' else 'frog', params)
-  part = optax.partition({'frog': fo.frog(0.1), 'adam': optax.adam(1e-2)},
-                         labels)
+    lambda path, _: 'adam' if path[0].key == 'head' else 'frog', params
+  )
+  part = optax.partition(
+    {'frog': fo.frog(0.1), 'adam': optax.adam(1e-2)}, labels
+  )
   got, _ = part.update(grads, part.init(params), params, frog_stats=stats)
   adam = optax.adam(1e-2)
   want_head, _ = adam.update(grads['head'], adam.init(params['head']))
   chex.assert_trees_all_close(got['head'], want_head, rtol=1e-6)
-  want, _ = _frog().update(grads, _frog().init(params), params,
-                           frog_stats=stats)
+  want, _ = _frog().update(
+    grads, _frog().init(params), params, frog_stats=stats
+  )
   chex.assert_trees_all_close(got['Conv_1'], want['Conv_1'], rtol=1e-6)
 
 
@@ -309,7 +371,9 @@ def test_unmatched_exclude_is_an_error():
     fo.frog(0.1, exclude='hed').init(params)
 
 
-@pytest.mark.parametrize('kwargs, match', [
+@pytest.mark.parametrize(
+  'kwargs, match',
+  [
     (dict(learning_rate=-1.0), 'learning_rate'),
     (dict(momentum=1.0), 'momentum'),
     (dict(momentum=-0.5), 'momentum'),
@@ -325,7 +389,8 @@ def test_unmatched_exclude_is_an_error():
     (dict(fallback='sgd'), 'fallback'),
     (dict(fallback=optax.sgd(0.1), other_lr_ratio=1.0), 'other_lr_ratio'),
     (dict(momentum=float('nan')), 'momentum'),
-])
+  ],
+)
 def test_bad_hyperparameters(kwargs, match):
   kwargs = {'learning_rate': 0.1, **kwargs}
   with pytest.raises(ValueError, match=match):
@@ -348,19 +413,30 @@ def test_zero_gradient_gives_zero_update():
 def test_zero_activations_stay_finite():
   params, grads, stats = models.grads_and_stats()
   conv = stats['Conv_0']
-  stats = dict(stats, Conv_0=fo.LayerStats(jnp.zeros_like(conv.inputs),
-                                           conv.output_grads, conv.geometry))
+  stats = dict(
+    stats,
+    Conv_0=fo.LayerStats(
+      jnp.zeros_like(conv.inputs), conv.output_grads, conv.geometry
+    ),
+  )
   tx = _frog()
   updates, _ = tx.update(grads, tx.init(params), params, frog_stats=stats)
   for leaf in jax.tree.leaves(updates):
     assert np.all(np.isfinite(leaf))
 
 
-def test_rank_deficient_fisher_stays_finite():
+def test_rank_deficient_fisher_warns_and_stays_finite():
   # Dense head: D = 5 > s = 2 samples.
   params, grads, stats = models.grads_and_stats(sample_size=2)
   assert stats['head'].output_grads.shape[0] < params['head']['kernel'].shape[0]
   tx = fo.frog(0.1, damping=0.0)
-  updates, _ = tx.update(grads, tx.init(params), params, frog_stats=stats)
+  with pytest.warns(fo.RankDeficientFisherWarning, match="'head'.*2 samples"):
+    updates, _ = tx.update(grads, tx.init(params), params, frog_stats=stats)
   for leaf in jax.tree.leaves(updates):
     assert np.all(np.isfinite(leaf))
+  # Conv rows count every output location: 4 images x 9 positions >= D.
+  params, grads, stats = models.grads_and_stats(sample_size=4)
+  with warnings.catch_warnings():
+    warnings.simplefilter('error', fo.RankDeficientFisherWarning)
+    tx = fo.frog(0.1, exclude='head')
+    tx.update(grads, tx.init(params), params, frog_stats=stats)

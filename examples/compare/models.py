@@ -21,10 +21,17 @@ class ConvNet(nn.Module):
   def __call__(self, x, train: bool = True):
     spatial = x.ndim - 2
     for i, width in enumerate(self.features):
-      x = nn.Conv(width, (3,) * spatial, strides=1 if i == 0 else 2,
-                  use_bias=False, dtype=self.dtype, name=f'conv{i}')(x)
-      x = nn.BatchNorm(use_running_average=not train, dtype=self.dtype,
-                       name=f'bn{i}')(x)
+      x = nn.Conv(
+        width,
+        (3,) * spatial,
+        strides=1 if i == 0 else 2,
+        use_bias=False,
+        dtype=self.dtype,
+        name=f'conv{i}',
+      )(x)
+      x = nn.BatchNorm(
+        use_running_average=not train, dtype=self.dtype, name=f'bn{i}'
+      )(x)
       x = nn.relu(x)
     x = x.mean(axis=tuple(range(1, 1 + spatial)))
     return nn.Dense(self.num_classes, dtype=self.dtype, name='head')(x)

@@ -31,10 +31,10 @@ def _axpy(alpha: jax.Array, x: Tree, y: Tree) -> Tree:
 
 
 def batched_cg(
-    matvec: Callable[[Tree], Tree],
-    rhs: Tree,
-    num_iters: int | jax.Array,
-    row_inner: Callable[[Tree, Tree], jax.Array],
+  matvec: Callable[[Tree], Tree],
+  rhs: Tree,
+  num_iters: int | jax.Array,
+  row_inner: Callable[[Tree, Tree], jax.Array],
 ) -> Tree:
   """Runs `num_iters` conjugate-gradient steps on `A z = rhs`, row by row.
 

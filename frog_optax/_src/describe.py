@@ -9,7 +9,7 @@ from frog_optax._src import transform
 
 
 def describe_rows(
-    params: Any, stats: Any, exclude: Any = ()
+  params: Any, stats: Any, exclude: Any = ()
 ) -> list[dict[str, Any]]:
   """One dict per module: path, shapes, route, row size D, Fisher samples.
 
@@ -24,14 +24,14 @@ def describe_rows(
   for module, leaves in sorted(transform._module_leaves(params).items()):  # pylint: disable=protected-access
     kernel = leaves.get('kernel')
     entry = {
-        'module': module or '/',
-        'parameters': ', '.join(
-            f'{name}{tuple(np.shape(v))}' for name, v in sorted(leaves.items())
-        ),
-        'route': 'fallback',
-        'why': 'not a Dense/Conv kernel',
-        'row_size': None,
-        'samples': None,
+      'module': module or '/',
+      'parameters': ', '.join(
+        f'{name}{tuple(np.shape(v))}' for name, v in sorted(leaves.items())
+      ),
+      'route': 'fallback',
+      'why': 'not a Dense/Conv kernel',
+      'row_size': None,
+      'samples': None,
     }
     if module in candidates:
       entry['row_size'] = int(np.prod(kernel.shape[:-1])) + ('bias' in leaves)
@@ -47,9 +47,9 @@ def describe_rows(
       else:
         entry['route'] = 'frog'
         entry['why'] = (
-            'rank-deficient Fisher (samples < D)'
-            if entry['samples'] < entry['row_size']
-            else ''
+          'rank-deficient Fisher (samples < D)'
+          if entry['samples'] < entry['row_size']
+          else ''
         )
     rows.append(entry)
   return rows
@@ -72,18 +72,19 @@ def describe(params: Any, stats: Any, exclude: Any = ()) -> str:
   rows = describe_rows(params, stats, exclude)
   header = ('module', 'parameters', 'route', 'D', 'samples', 'note')
   table = [header] + [
-      (
-          r['module'],
-          r['parameters'],
-          r['route'],
-          '' if r['row_size'] is None else str(r['row_size']),
-          '' if r['samples'] is None else str(r['samples']),
-          r['why'],
-      )
-      for r in rows
+    (
+      r['module'],
+      r['parameters'],
+      r['route'],
+      '' if r['row_size'] is None else str(r['row_size']),
+      '' if r['samples'] is None else str(r['samples']),
+      r['why'],
+    )
+    for r in rows
   ]
   widths = [max(len(row[i]) for row in table) for i in range(len(header))]
-  lines = ['  '.join(c.ljust(w) for c, w in zip(row, widths)).rstrip()
-           for row in table]
+  lines = [
+    '  '.join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in table
+  ]
   lines.insert(1, '  '.join('-' * w for w in widths))
   return '\n'.join(lines)

@@ -4,7 +4,8 @@ For one layer, `X(V)` maps row-stacked weights `V = {'kernel', 'bias'}` to the
 pre-activation outputs of the sampled examples, and `Xᵀ(G)` is its transpose
 (for a convolution: the weight-gradient convolution). All rows share `X`, so
 
-  A(V) = Xᵀ(Λ̂ ⊙ X(V)) + τ V,   Λ̂[..., j] = y_j² · D / Σ_{n,t} y²_{n,t,j} ‖x_{n,t}‖²
+  A(V) = Xᵀ(Λ̂ ⊙ X(V)) + τ V,
+  Λ̂[..., j] = y_j² · D / Σ_{n,t} y²_{n,t,j} ‖x_{n,t}‖²
 
 applies every row's damped, trace-normalised Fisher `F_j / (tr F_j / D) + τ I`
 in one forward and one transposed layer op (ALGORITHM.md §2-3).
@@ -28,27 +29,27 @@ def conv_dimension_numbers(num_spatial_dims: int) -> lax.ConvDimensionNumbers:
   n = num_spatial_dims
   spatial = tuple(range(1, n + 1))
   return lax.ConvDimensionNumbers(
-      lhs_spec=(0, n + 1) + spatial,
-      rhs_spec=(n + 1, n) + tuple(range(n)),
-      out_spec=(0, n + 1) + spatial,
+    lhs_spec=(0, n + 1) + spatial,
+    rhs_spec=(n + 1, n) + tuple(range(n)),
+    out_spec=(0, n + 1) + spatial,
   )
 
 
 def _conv(geometry: stats_lib.ConvGeometry, x, kernel, groups=None):
   return lax.conv_general_dilated(
-      x,
-      kernel,
-      window_strides=geometry.strides,
-      padding=geometry.padding,
-      lhs_dilation=geometry.input_dilation,
-      rhs_dilation=geometry.kernel_dilation,
-      dimension_numbers=conv_dimension_numbers(geometry.num_spatial_dims),
-      feature_group_count=groups or geometry.feature_group_count,
+    x,
+    kernel,
+    window_strides=geometry.strides,
+    padding=geometry.padding,
+    lhs_dilation=geometry.input_dilation,
+    rhs_dilation=geometry.kernel_dilation,
+    dimension_numbers=conv_dimension_numbers(geometry.num_spatial_dims),
+    feature_group_count=groups or geometry.feature_group_count,
   )
 
 
 def layer_forward(
-    geometry: stats_lib.LayerGeometry, inputs: jax.Array, params: RowParams
+  geometry: stats_lib.LayerGeometry, inputs: jax.Array, params: RowParams
 ) -> jax.Array:
   """`X(V)`: the layer's outputs on `inputs` for weights `V` (all rows)."""
   if isinstance(geometry, stats_lib.DenseGeometry):
@@ -61,9 +62,9 @@ def layer_forward(
 
 
 def layer_transpose(
-    geometry: stats_lib.LayerGeometry,
-    inputs: jax.Array,
-    params_like: RowParams,
+  geometry: stats_lib.LayerGeometry,
+  inputs: jax.Array,
+  params_like: RowParams,
 ) -> Callable[[jax.Array], RowParams]:
   """`Xᵀ(·)`: maps output cotangents back to row-stacked weights."""
   if isinstance(geometry, stats_lib.DenseGeometry):
@@ -82,10 +83,10 @@ def layer_transpose(
 
 
 def patch_sq_norms(
-    geometry: stats_lib.LayerGeometry,
-    inputs: jax.Array,
-    kernel_shape: tuple[int, ...],
-    has_bias: bool,
+  geometry: stats_lib.LayerGeometry,
+  inputs: jax.Array,
+  kernel_shape: tuple[int, ...],
+  has_bias: bool,
 ) -> jax.Array:
   """‖x_{n,t}‖² (+1 for the bias coordinate) of the patch each row sees.
 
@@ -121,10 +122,10 @@ def row_dimension(params: RowParams) -> int:
 
 
 def row_fisher_operator(
-    layer_stats: stats_lib.LayerStats,
-    params_like: RowParams,
-    damping: Any,
-    dtype: Any,
+  layer_stats: stats_lib.LayerStats,
+  params_like: RowParams,
+  damping: Any,
+  dtype: Any,
 ) -> Callable[[RowParams], RowParams]:
   """The damped, trace-normalised row-wise Fisher `A(V)` of one layer.
 
@@ -144,7 +145,7 @@ def row_fisher_operator(
   has_bias = 'bias' in params_like
   num_rows = kernel_shape[-1]
   params_struct = {
-      k: jax.ShapeDtypeStruct(v.shape, dtype) for k, v in params_like.items()
+    k: jax.ShapeDtypeStruct(v.shape, dtype) for k, v in params_like.items()
   }
   dy_sq = jnp.square(output_grads)
   norms = patch_sq_norms(geometry, inputs, kernel_shape, has_bias)

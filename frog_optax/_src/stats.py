@@ -8,7 +8,7 @@ boundaries as arrays), the geometry is static aux data.
 
 import dataclasses
 from collections.abc import Mapping
-from typing import Any, Union
+from typing import Any
 
 import jax
 
@@ -37,7 +37,7 @@ class ConvGeometry:
     return len(self.strides)
 
 
-LayerGeometry = Union[DenseGeometry, ConvGeometry]
+LayerGeometry = DenseGeometry | ConvGeometry
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,9 +60,9 @@ class LayerStats:
 
 
 jax.tree_util.register_dataclass(
-    LayerStats,
-    data_fields=['inputs', 'output_grads'],
-    meta_fields=['geometry'],
+  LayerStats,
+  data_fields=['inputs', 'output_grads'],
+  meta_fields=['geometry'],
 )
 
 
@@ -87,9 +87,7 @@ def stats_by_path(stats: Any) -> dict[str, LayerStats]:
   """Flattens a params-prefix stats tree to `{module_path: LayerStats}`."""
   flat, _ = jax.tree_util.tree_flatten_with_path(stats, is_leaf=is_stats_leaf)
   return {
-      path_name(path): leaf
-      for path, leaf in flat
-      if isinstance(leaf, LayerStats)
+    path_name(path): leaf for path, leaf in flat if isinstance(leaf, LayerStats)
   }
 
 

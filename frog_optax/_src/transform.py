@@ -6,8 +6,11 @@ Which parameters FROG preconditions is decided from the parameter tree alone
 excluded. Everything else goes to the fallback transformation.
 """
 
+import math
+import warnings
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import Any
+from typing import NamedTuple
 
 import chex
 import jax
@@ -41,9 +44,7 @@ def _is_row_layer(leaves: dict[str, Any]) -> bool:
   if getattr(kernel, 'ndim', 0) < 2:
     return False
   bias = leaves.get('bias')
-  return bias is None or (
-      getattr(bias, 'shape', None) == (kernel.shape[-1],)
-  )
+  return bias is None or (getattr(bias, 'shape', None) == (kernel.shape[-1],))
 
 
 def _is_excluded(module: str, exclude: Sequence[str]) -> bool:
@@ -51,7 +52,7 @@ def _is_excluded(module: str, exclude: Sequence[str]) -> bool:
 
 
 def preconditioned_modules(
-    params: Any, exclude: Sequence[str] = ()
+  params: Any, exclude: Sequence[str] = ()
 ) -> list[str]:
   """The '/'-joined paths of the modules FROG preconditions in `params`.
 
@@ -67,16 +68,16 @@ def preconditioned_modules(
   """
   exclude = validation.normalize_paths('exclude', exclude)
   candidates = sorted(
-      m for m, leaves in _module_leaves(params).items() if _is_row_layer(leaves)
+    m for m, leaves in _module_leaves(params).items() if _is_row_layer(leaves)
   )
   unmatched = [
-      e for e in exclude if not any(_is_excluded(m, (e,)) for m in candidates)
+    e for e in exclude if not any(_is_excluded(m, (e,)) for m in candidates)
   ]
   if unmatched:
     raise ValueError(
-        f'exclude entries {unmatched} match no Dense/Conv module; modules'
-        f' that can be excluded: {candidates[:20]}'
-        + (' ...' if len(candidates) > 20 else '')
+      f'exclude entries {unmatched} match no Dense/Conv module; modules'
+      f' that can be excluded: {candidates[:20]}'
+      + (' ...' if len(candidates) > 20 else '')
     )
   return [m for m in candidates if not _is_excluded(m, exclude)]
 
@@ -88,20 +89,20 @@ def frog_param_labels(params: Any, exclude: Sequence[str] = ()) -> Any:
   """
   chosen = set(preconditioned_modules(params, exclude))
   return jax.tree_util.tree_map_with_path(
-      lambda path, _: PRECONDITIONED
-      if stats_lib.path_name(path[:-1]) in chosen
-      else FALLBACK,
-      params,
+    lambda path, _: (
+      PRECONDITIONED if stats_lib.path_name(path[:-1]) in chosen else FALLBACK
+    ),
+    params,
   )
 
 
 def precondition_layer(
-    layer_stats: stats_lib.LayerStats,
-    direction: dict[str, jax.Array],
-    *,
-    damping: Any,
-    cg_iters: int | jax.Array,
-    eps: Any,
+  layer_stats: stats_lib.LayerStats,
+  direction: dict[str, jax.Array],
+  *,
+  damping: Any,
+  cg_iters: int | jax.Array,
+  eps: Any,
 ) -> dict[str, jax.Array]:
   """FROG's per-row update `u_j = z_j / sqrt(⟨z_j, m_j⟩ + ε)` for one layer.
 
@@ -126,13 +127,33 @@ def precondition_layer(
   return {k: (z[k] * scale).astype(direction[k].dtype) for k in direction}
 
 
+class RankDeficientFisherWarning(UserWarning):
+  """A preconditioned layer's row Fisher has fewer samples than entries."""
+
+
+def _warn_if_rank_deficient(name, layer_stats, leaves):
+  # Static shapes: this runs once per trace, not per step.
+  samples = math.prod(layer_stats.output_grads.shape[:-1])
+  row_size = fisher.row_dimension(leaves)
+  if samples < row_size:
+    warnings.warn(
+      f'FROG preconditions {name!r} with a Fisher estimated from {samples}'
+      f' samples for rows of D = {row_size} entries: it has rank < D, and'
+      ' directions the sample did not see are scaled by 1/damping. Exclude'
+      ' the layer (recommended for classifier heads), raise sample_size, or'
+      ' keep damping >= 1e-3.',
+      RankDeficientFisherWarning,
+      stacklevel=3,
+    )
+
+
 def _check_layer_shapes(name, layer_stats, leaves):
   kernel = leaves['kernel']
   rows = layer_stats.output_grads.shape[-1]
   if rows != kernel.shape[-1]:
     raise ValueError(
-        f'frog_stats for {name!r} has {rows} output rows but its kernel has'
-        f' shape {kernel.shape}: the stats do not belong to these parameters.'
+      f'frog_stats for {name!r} has {rows} output rows but its kernel has'
+      f' shape {kernel.shape}: the stats do not belong to these parameters.'
     )
 
 
@@ -143,10 +164,10 @@ class ScaleByFrogState(NamedTuple):
 
 
 def scale_by_frog(
-    damping: optax.ScalarOrSchedule = 1e-6,
-    cg_iters: int = 4,
-    eps: float = 1e-10,
-    exclude: str | Sequence[str] = (),
+  damping: optax.ScalarOrSchedule = 1e-6,
+  cg_iters: int = 4,
+  eps: float = 1e-10,
+  exclude: str | Sequence[str] = (),
 ) -> optax.GradientTransformationExtraArgs:
   r"""Row-wise Fisher preconditioning with batched conjugate gradient.
 
@@ -175,7 +196,7 @@ def scale_by_frog(
 
   Returns:
     An `optax.GradientTransformationExtraArgs` whose `update` requires the
-    keyword argument `frog_stats` (from :func:`frog_optax.linen.value_and_grad`).
+    keyword argument `frog_stats` (see :func:`frog_optax.linen.value_and_grad`).
 
   Example:
     >>> import jax.numpy as jnp, frog_optax as fo
@@ -201,31 +222,32 @@ def scale_by_frog(
     del params, extra
     modules = _module_leaves(updates)
     chosen = [
-        m
-        for m, leaves in modules.items()
-        if _is_row_layer(leaves) and not _is_excluded(m, exclude)
+      m
+      for m, leaves in modules.items()
+      if _is_row_layer(leaves) and not _is_excluded(m, exclude)
     ]
     if frog_stats is _MISSING:
       raise ValueError(
-          'FROG needs the keyword argument frog_stats (from'
-          ' frog_optax.linen.value_and_grad) to precondition'
-          f' {[m + "/kernel" for m in chosen][:10]}.'
+        'FROG needs the keyword argument frog_stats (from'
+        ' frog_optax.linen.value_and_grad) to precondition'
+        f' {[m + "/kernel" for m in chosen][:10]}.'
       )
     by_path = stats_lib.stats_by_path(frog_stats)
     missing = [m for m in chosen if m not in by_path]
     if missing:
       raise ValueError(
-          'frog_stats has no LayerStats for the preconditioned parameters'
-          f' {[m + "/kernel" for m in missing]}. Capture these layers with'
-          ' frog_optax.linen.capture, or route them to the fallback with'
-          f' exclude={tuple(missing)!r}.'
+        'frog_stats has no LayerStats for the preconditioned parameters'
+        f' {[m + "/kernel" for m in missing]}. Capture these layers with'
+        ' frog_optax.linen.capture, or route them to the fallback with'
+        f' exclude={tuple(missing)!r}.'
       )
     tau = damping(state.count) if callable(damping) else damping
     new_leaves = {}
     for m in chosen:
       _check_layer_shapes(m, by_path[m], modules[m])
+      _warn_if_rank_deficient(m, by_path[m], modules[m])
       new_leaves[m] = precondition_layer(
-          by_path[m], modules[m], damping=tau, cg_iters=cg_iters, eps=eps
+        by_path[m], modules[m], damping=tau, cg_iters=cg_iters, eps=eps
       )
 
     def replace(path, leaf):
@@ -247,13 +269,13 @@ def _scaled(learning_rate: optax.ScalarOrSchedule, ratio: Any):
 
 
 def reference_fallback(
-    learning_rate: optax.ScalarOrSchedule,
-    *,
-    momentum: Any = 0.9,
-    nesterov: bool = False,
-    weight_decay: Any = 0.0,
-    weight_decay_mask: Any = None,
-    mu_dtype: Any = None,
+  learning_rate: optax.ScalarOrSchedule,
+  *,
+  momentum: Any = 0.9,
+  nesterov: bool = False,
+  weight_decay: Any = 0.0,
+  weight_decay_mask: Any = None,
+  mu_dtype: Any = None,
 ) -> optax.GradientTransformation:
   """The reference FROG's rule for other parameters: momentum SGD.
 
@@ -261,10 +283,9 @@ def reference_fallback(
   `torch.optim.SGD`.
   """
   return optax.chain(
-      optax.add_decayed_weights(weight_decay, weight_decay_mask),
-      optax.trace(decay=momentum, nesterov=nesterov,
-                  accumulator_dtype=mu_dtype),
-      optax.scale_by_learning_rate(learning_rate),
+    optax.add_decayed_weights(weight_decay, weight_decay_mask),
+    optax.trace(decay=momentum, nesterov=nesterov, accumulator_dtype=mu_dtype),
+    optax.scale_by_learning_rate(learning_rate),
   )
 
 
@@ -280,19 +301,19 @@ def _cast_to_param_dtypes() -> optax.GradientTransformation:
 
 
 def frog(
-    learning_rate: optax.ScalarOrSchedule,
-    *,
-    momentum: float = 0.9,
-    nesterov: bool = False,
-    weight_decay: float = 0.0,
-    weight_decay_mask: Any = None,
-    damping: optax.ScalarOrSchedule = 1e-6,
-    cg_iters: int = 4,
-    exclude: str | Sequence[str] = (),
-    fallback: optax.GradientTransformation | None = None,
-    other_lr_ratio: float | None = None,
-    eps: float = 1e-10,
-    mu_dtype: Any = None,
+  learning_rate: optax.ScalarOrSchedule,
+  *,
+  momentum: float = 0.9,
+  nesterov: bool = False,
+  weight_decay: float = 0.0,
+  weight_decay_mask: Any = None,
+  damping: optax.ScalarOrSchedule = 1e-6,
+  cg_iters: int = 4,
+  exclude: str | Sequence[str] = (),
+  fallback: optax.GradientTransformation | None = None,
+  other_lr_ratio: float | None = None,
+  eps: float = 1e-10,
+  mu_dtype: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""FROG: Fisher row-wise preconditioning (Breskanu), as an optax optimizer.
 
@@ -362,48 +383,50 @@ def frog(
     Breskanu, FROG: Fisher ROw-wise preconditioninG,
     https://github.com/Fullfix/frog-optimizer
   """
-  validation.check_range('learning_rate', learning_rate, low=0.0,
-                         allow_schedule=True)
-  validation.check_range('momentum', momentum, low=0.0, high=1.0,
-                         high_inclusive=False)
+  validation.check_range(
+    'learning_rate', learning_rate, low=0.0, allow_schedule=True
+  )
+  validation.check_range(
+    'momentum', momentum, low=0.0, high=1.0, high_inclusive=False
+  )
   validation.check_range('weight_decay', weight_decay, low=0.0)
   if not isinstance(nesterov, bool):
     raise ValueError(f'nesterov must be a bool; got {nesterov!r}.')
   if fallback is not None:
     if other_lr_ratio is not None:
       raise ValueError(
-          'other_lr_ratio only configures the default fallback; set the'
-          ' learning rate of your own fallback transformation instead.'
+        'other_lr_ratio only configures the default fallback; set the'
+        ' learning rate of your own fallback transformation instead.'
       )
     if not isinstance(fallback, optax.GradientTransformation):
       raise ValueError(
-          f'fallback must be an optax.GradientTransformation; got {fallback!r}.'
+        f'fallback must be an optax.GradientTransformation; got {fallback!r}.'
       )
   else:
     other_lr_ratio = 0.25 if other_lr_ratio is None else other_lr_ratio
     validation.check_range('other_lr_ratio', other_lr_ratio, low=0.0)
     fallback = reference_fallback(
-        _scaled(learning_rate, other_lr_ratio),
-        momentum=momentum,
-        nesterov=nesterov,
-        weight_decay=weight_decay,
-        weight_decay_mask=weight_decay_mask,
-        mu_dtype=mu_dtype,
+      _scaled(learning_rate, other_lr_ratio),
+      momentum=momentum,
+      nesterov=nesterov,
+      weight_decay=weight_decay,
+      weight_decay_mask=weight_decay_mask,
+      mu_dtype=mu_dtype,
     )
   exclude = validation.normalize_paths('exclude', exclude)
 
   preconditioned = optax.chain(
-      optax.trace(decay=momentum, nesterov=nesterov, accumulator_dtype=mu_dtype),
-      # `exclude` is applied by the labels below: excluded layers never
-      # reach this branch.
-      scale_by_frog(damping=damping, cg_iters=cg_iters, eps=eps),
-      optax.add_decayed_weights(weight_decay, weight_decay_mask),
-      optax.scale_by_learning_rate(learning_rate),
+    optax.trace(decay=momentum, nesterov=nesterov, accumulator_dtype=mu_dtype),
+    # `exclude` is applied by the labels below: excluded layers never
+    # reach this branch.
+    scale_by_frog(damping=damping, cg_iters=cg_iters, eps=eps),
+    optax.add_decayed_weights(weight_decay, weight_decay_mask),
+    optax.scale_by_learning_rate(learning_rate),
   )
   return optax.chain(
-      optax.partition(
-          {PRECONDITIONED: preconditioned, FALLBACK: fallback},
-          lambda params: frog_param_labels(params, exclude),
-      ),
-      _cast_to_param_dtypes(),
+    optax.partition(
+      {PRECONDITIONED: preconditioned, FALLBACK: fallback},
+      lambda params: frog_param_labels(params, exclude),
+    ),
+    _cast_to_param_dtypes(),
   )

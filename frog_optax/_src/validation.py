@@ -22,14 +22,14 @@ def is_concrete_number(value: Any) -> bool:
 
 
 def check_range(
-    name: str,
-    value: Any,
-    *,
-    low: float | None = None,
-    high: float | None = None,
-    low_inclusive: bool = True,
-    high_inclusive: bool = True,
-    allow_schedule: bool = False,
+  name: str,
+  value: Any,
+  *,
+  low: float | None = None,
+  high: float | None = None,
+  low_inclusive: bool = True,
+  high_inclusive: bool = True,
+  allow_schedule: bool = False,
 ) -> None:
   """Raises `ValueError` naming `name` when a concrete value is out of range."""
   if callable(value):
@@ -38,7 +38,7 @@ def check_range(
     raise ValueError(f'{name} must be a number, not a schedule; got {value!r}.')
   if not is_concrete_number(value):
     if isinstance(value, (jax.Array, np.ndarray)) and not isinstance(
-        value, jax.core.Tracer
+      value, jax.core.Tracer
     ):
       raise ValueError(f'{name} must be a scalar; got shape {np.shape(value)}.')
     if isinstance(value, jax.core.Tracer):
@@ -46,12 +46,14 @@ def check_range(
     raise ValueError(f'{name} must be a number; got {value!r}.')
   v = float(value)
   lo_ok = (
-      low is None or (v >= low if low_inclusive else v > low)
+    low is None or (v >= low if low_inclusive else v > low)
   ) and not np.isnan(v)
   hi_ok = high is None or (v <= high if high_inclusive else v < high)
   if not (lo_ok and hi_ok):
     lo = '(-inf' if low is None else ('[' if low_inclusive else '(') + f'{low}'
-    hi = 'inf)' if high is None else f'{high}' + (']' if high_inclusive else ')')
+    hi = (
+      'inf)' if high is None else f'{high}' + (']' if high_inclusive else ')')
+    )
     raise ValueError(f'{name} must be in {lo}, {hi}; got {value!r}.')
 
 
@@ -77,12 +79,12 @@ def normalize_paths(name: str, paths: str | Sequence[str]) -> tuple[str, ...]:
     paths = tuple(paths)
   except TypeError:
     raise ValueError(
-        f'{name} must be a sequence of module paths; got {paths!r}.'
+      f'{name} must be a sequence of module paths; got {paths!r}.'
     ) from None
   for p in paths:
     if not isinstance(p, str) or not p.strip('/'):
       raise ValueError(
-          f"{name} entries must be non-empty '/'-joined module paths such as"
-          f" 'head' or 'block3/Dense_0'; got {p!r}."
+        f"{name} entries must be non-empty '/'-joined module paths such as"
+        f" 'head' or 'block3/Dense_0'; got {p!r}."
       )
   return tuple(p.strip('/') for p in paths)

@@ -1,0 +1,8 @@
+"""pytest: doctests run over the package; CLI entry points are not imported."""
+
+collect_ignore_glob = [
+  'examples/*/main.py',
+  'examples/*/sweep.py',
+  'benchmarks/*.py',
+  '.venv/*',
+]
