@@ -54,7 +54,8 @@ class _Session:
   geometry: dict[str, stats_lib.LayerGeometry] = dataclasses.field(
     default_factory=dict
   )
-  batch_size: dict[str, int] = dataclasses.field(default_factory=dict)
+  # Batch size of every call of every layer, in call order.
+  batch_sizes: dict[str, list[int]] = dataclasses.field(default_factory=dict)
   num_applies: int = 0
 
 
@@ -201,7 +202,7 @@ def _interceptor(next_fun, args, kwargs, context):
     geometry = stats_lib.DenseGeometry()
   if session.geometry.setdefault(path, geometry) != geometry:
     raise _unsupported(module, 'its calls have different geometries')
-  session.batch_size[path] = x.shape[0]
+  session.batch_sizes.setdefault(path, []).append(x.shape[0])
 
   index = 0
   if module.has_variable(INPUTS, _SOW_NAME):
@@ -320,11 +321,13 @@ def _assemble_stats(session: _Session, output_grads: list[Any]):
         f' stacked axis (shape {xs[0].shape}).' + _LIFTED_HINT
       )
     x = jnp.concatenate(xs) if len(xs) > 1 else xs[0]
-    dy = [d.reshape((-1,) + d.shape[-(x.ndim - 1) :]) for d in dys]
-    dy = jnp.concatenate(dy) if len(dy) > 1 else dy[0]
-    # A mean-reduced loss scales dy by 1/B: undo it (the solve is
+    # A mean-reduced loss scales dy by 1/B: undo it per call (the solve is
     # scale-free), so that small dy² do not underflow.
-    dy = dy * session.batch_size[module]
+    dy = [
+      d.reshape((-1,) + d.shape[-(x.ndim - 1) :]) * b
+      for d, b in zip(dys, session.batch_sizes[module])
+    ]
+    dy = jnp.concatenate(dy) if len(dy) > 1 else dy[0]
     captured[module] = stats_lib.LayerStats(
       inputs=x, output_grads=dy, geometry=geometry
     )

@@ -29,8 +29,13 @@ class ConvNet(nn.Module):
         dtype=self.dtype,
         name=f'conv{i}',
       )(x)
+      # momentum 0.9, not Flax's 0.99: runs here are a few hundred steps,
+      # and evaluation uses the running statistics.
       x = nn.BatchNorm(
-        use_running_average=not train, dtype=self.dtype, name=f'bn{i}'
+        use_running_average=not train,
+        momentum=0.9,
+        dtype=self.dtype,
+        name=f'bn{i}',
       )(x)
       x = nn.relu(x)
     x = x.mean(axis=tuple(range(1, 1 + spatial)))

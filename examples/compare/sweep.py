@@ -34,8 +34,8 @@ GRID = {
     damping=(1e-6, 1e-3),
     exclude=(('head',), ()),
   ),
-  'sgd': dict(learning_rate=(0.03, 0.1, 0.3)),
-  'adamw': dict(learning_rate=(1e-3, 3e-3, 1e-2)),
+  'sgd': dict(learning_rate=(0.03, 0.1, 0.3, 1.0)),
+  'adamw': dict(learning_rate=(1e-3, 3e-3, 1e-2, 3e-2)),
 }
 
 
