@@ -221,9 +221,8 @@ def summary_table(results, targets) -> str:
       f'{r["compile_seconds"]:.1f}',
     ]
     rows.append(cells)
-  widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-  lines = [' | '.join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
-  lines.insert(1, '-+-'.join('-' * w for w in widths))
+  lines = ['| ' + ' | '.join(row) + ' |' for row in rows]
+  lines.insert(1, '|' + '---|' * len(header))
   return '\n'.join(lines)
 
 

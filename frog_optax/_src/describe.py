@@ -21,7 +21,7 @@ def describe_rows(
   candidates = set(transform.preconditioned_modules(params))
   by_path = stats_lib.stats_by_path(stats)
   rows = []
-  for module, leaves in sorted(transform._module_leaves(params).items()):  # pylint: disable=protected-access
+  for module, leaves in sorted(transform.module_leaves(params).items()):
     kernel = leaves.get('kernel')
     entry = {
       'module': module or '/',
@@ -43,7 +43,7 @@ def describe_rows(
         entry['why'] = 'excluded'
       elif layer_stats is None:
         entry['route'] = 'ERROR'
-        entry['why'] = 'no stats captured: update will fail'
+        entry['why'] = 'no stats: update will fail'
       else:
         entry['route'] = 'frog'
         entry['why'] = (
@@ -67,7 +67,15 @@ def describe(params: Any, stats: Any, exclude: Any = ()) -> str:
     A plain-text table, one line per module.
 
   Example:
-    >>> print(fo.describe(params, stats, exclude=('head',)))  # doctest: +SKIP
+    >>> import jax.numpy as jnp, frog_optax as fo
+    >>> params = {'conv': {'kernel': jnp.ones((3, 3, 1, 2))},
+    ...           'head': {'kernel': jnp.ones((2, 2))}}
+    >>> stats = {'conv': None, 'head': None}
+    >>> print(fo.describe(params, stats, exclude='head'))  # doctest: +ELLIPSIS
+    module  parameters          route     D  samples  note
+    ------  ------------------  --------  -  -------  ---...
+    conv    kernel(3, 3, 1, 2)  ERROR     9           no stats: update will fail
+    head    kernel(2, 2)        fallback  2           excluded
   """
   rows = describe_rows(params, stats, exclude)
   header = ('module', 'parameters', 'route', 'D', 'samples', 'note')

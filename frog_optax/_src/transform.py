@@ -27,7 +27,7 @@ FALLBACK = 'fallback'
 _MISSING = object()
 
 
-def _module_leaves(tree: Any) -> dict[str, dict[str, Any]]:
+def module_leaves(tree: Any) -> dict[str, dict[str, Any]]:
   """Groups the leaves of a tree by parent path: `{module: {name: leaf}}`."""
   modules: dict[str, dict[str, Any]] = {}
   for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
@@ -51,6 +51,10 @@ def _is_excluded(module: str, exclude: Sequence[str]) -> bool:
   return any(module == e or module.startswith(e + '/') for e in exclude)
 
 
+def _row_layers(modules: dict[str, dict[str, Any]]) -> list[str]:
+  return sorted(m for m, leaves in modules.items() if _is_row_layer(leaves))
+
+
 def preconditioned_modules(
   params: Any, exclude: Sequence[str] = ()
 ) -> list[str]:
@@ -67,9 +71,7 @@ def preconditioned_modules(
     ValueError: when an `exclude` entry matches no preconditionable module.
   """
   exclude = validation.normalize_paths('exclude', exclude)
-  candidates = sorted(
-    m for m, leaves in _module_leaves(params).items() if _is_row_layer(leaves)
-  )
+  candidates = _row_layers(module_leaves(params))
   unmatched = [
     e for e in exclude if not any(_is_excluded(m, (e,)) for m in candidates)
   ]
@@ -221,12 +223,8 @@ def scale_by_frog(
 
   def update_fn(updates, state, params=None, *, frog_stats=_MISSING, **extra):
     del params, extra
-    modules = _module_leaves(updates)
-    chosen = [
-      m
-      for m, leaves in modules.items()
-      if _is_row_layer(leaves) and not _is_excluded(m, exclude)
-    ]
+    modules = module_leaves(updates)
+    chosen = [m for m in _row_layers(modules) if not _is_excluded(m, exclude)]
     if frog_stats is _MISSING:
       raise ValueError(
         'FROG needs the keyword argument frog_stats (from'
