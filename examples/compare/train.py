@@ -259,7 +259,8 @@ def plot(results, path):
 
 def environment() -> dict[str, Any]:
   return dict(
-    command=' '.join(sys.argv),
+    # Relative to the working directory: no machine-specific paths.
+    command=' '.join([os.path.relpath(sys.argv[0])] + sys.argv[1:]),
     machine=dict(
       platform=platform.platform(),
       processor=f'{jax.devices()[0].device_kind} ({os.cpu_count()} cores)',

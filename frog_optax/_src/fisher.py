@@ -35,7 +35,7 @@ def conv_dimension_numbers(num_spatial_dims: int) -> lax.ConvDimensionNumbers:
   )
 
 
-def _conv(geometry: stats_lib.ConvGeometry, x, kernel, groups=None):
+def _conv(geometry: stats_lib.ConvGeometry, x, kernel):
   return lax.conv_general_dilated(
     x,
     kernel,
@@ -44,7 +44,7 @@ def _conv(geometry: stats_lib.ConvGeometry, x, kernel, groups=None):
     lhs_dilation=geometry.input_dilation,
     rhs_dilation=geometry.kernel_dilation,
     dimension_numbers=conv_dimension_numbers(geometry.num_spatial_dims),
-    feature_group_count=groups or geometry.feature_group_count,
+    feature_group_count=geometry.feature_group_count,
   )
 
 
@@ -77,7 +77,7 @@ def layer_transpose(
 
     return dense_transpose
 
-  forward = lambda p: layer_forward(geometry, inputs, p)  # noqa: E731
+  forward = lambda p: layer_forward(geometry, inputs, p)
   transpose = jax.linear_transpose(forward, params_like)
   return lambda cotangent: transpose(cotangent)[0]
 
