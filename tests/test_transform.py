@@ -264,7 +264,7 @@ def test_no_recompile_on_second_update():
 
 def test_inject_hyperparams():
   params, grads, stats = models.grads_and_stats()
-  tx = optax.inject_hyperparams(fo.frog)(
+  tx = optax.inject_hyperparams(fo.frog, static_args=('cg_iters',))(
     learning_rate=0.1, exclude=('head',), weight_decay=0.0
   )
   state = tx.init(params)
@@ -273,6 +273,20 @@ def test_inject_hyperparams():
   state.hyperparams['learning_rate'] = jnp.asarray(0.3, jnp.float32)
   u3, _ = update(state)
   chex.assert_trees_all_close(u3, jax.tree.map(lambda u: 3 * u, u1), rtol=1e-5)
+
+
+def test_inject_hyperparams_traced_cg_iters_warns_and_matches():
+  params, grads, stats = models.grads_and_stats(jnp.float64)
+  with pytest.warns(UserWarning, match="static_args=\\('cg_iters',\\)"):
+    tx = optax.inject_hyperparams(fo.frog)(learning_rate=0.1, exclude='head')
+    state = tx.init(params)
+  rolled, _ = jax.jit(lambda s: tx.update(grads, s, params, frog_stats=stats))(
+    state
+  )
+  want, _ = _frog().update(
+    grads, _frog().init(params), params, frog_stats=stats
+  )
+  chex.assert_trees_all_close(rolled, want, rtol=1e-8)
 
 
 @pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])

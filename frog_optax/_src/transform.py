@@ -15,6 +15,7 @@ from typing import NamedTuple
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from frog_optax._src import cg as cg_lib
@@ -214,6 +215,17 @@ def scale_by_frog(
   """
   validation.check_range('damping', damping, low=0.0, allow_schedule=True)
   validation.check_positive_int('cg_iters', cg_iters)
+  if not isinstance(cg_iters, (int, np.integer)) and not isinstance(
+    cg_iters, jax.core.Tracer
+  ):
+    # Only concrete arrays warn (e.g. inject_hyperparams' init), not every
+    # traced update.
+    warnings.warn(
+      'cg_iters is an array, so the CG runs as a fori_loop, which XLA:CPU'
+      ' executes several times slower than the unrolled loop of a Python int.'
+      " With optax.inject_hyperparams pass static_args=('cg_iters',).",
+      stacklevel=2,
+    )
   validation.check_range('eps', eps, low=0.0, low_inclusive=False)
   exclude = validation.normalize_paths('exclude', exclude)
 
