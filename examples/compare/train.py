@@ -276,6 +276,19 @@ def environment() -> dict[str, Any]:
   )
 
 
+def print_frog_routing(model, variables, data, config):
+  """Shows which parameters FROG preconditions (fo.describe)."""
+  _, _, stats = fo.linen.value_and_grad(
+    make_loss(model), sample_size=config.frog.sample_size, has_aux=True
+  )(
+    variables['params'],
+    variables['batch_stats'],
+    jnp.asarray(data.x_train[: config.batch_size]),
+    jnp.asarray(data.y_train[: config.batch_size]),
+  )
+  print(fo.describe(variables['params'], stats, tuple(config.frog.exclude)))
+
+
 def train_and_evaluate(
   config: ml_collections.ConfigDict, workdir: str
 ) -> dict[str, Any]:
@@ -288,6 +301,8 @@ def train_and_evaluate(
     jax.random.key(config.seed), jnp.asarray(data.x_train[:2])
   )
   print(f'{data.name}: train {data.x_train.shape}, test {data.x_test.shape}')
+  if 'frog' in config.optimizers:
+    print_frog_routing(model, variables, data, config)
 
   runs = {
     name: train_one(name, config, data, model, variables)

@@ -134,8 +134,20 @@ class RankDeficientFisherWarning(UserWarning):
   """A preconditioned layer's row Fisher has fewer samples than entries."""
 
 
-def _warn_if_rank_deficient(name, layer_stats, leaves):
-  # Static shapes: this runs once per trace, not per step.
+SAFE_RANK_DEFICIENT_DAMPING = 1e-3
+
+
+def _warn_if_rank_deficient(name, layer_stats, leaves, damping):
+  """Warns (once per trace: shapes are static) about rank-deficient rows.
+
+  Silent when damping is a number >= 1e-3, which kept every such layer
+  stable in the README's sweeps.
+  """
+  if (
+    validation.is_concrete_number(damping)
+    and float(damping) >= SAFE_RANK_DEFICIENT_DAMPING
+  ):
+    return
   samples = math.prod(layer_stats.output_grads.shape[:-1])
   row_size = fisher.row_dimension(leaves)
   if samples < row_size:
@@ -144,7 +156,7 @@ def _warn_if_rank_deficient(name, layer_stats, leaves):
       f' samples for rows of D = {row_size} entries: it has rank < D, and'
       ' directions the sample did not see are scaled by 1/damping. Exclude'
       ' the layer (recommended for classifier heads), raise sample_size, or'
-      ' keep damping >= 1e-3.',
+      f' use damping >= {SAFE_RANK_DEFICIENT_DAMPING} (got {damping!r}).',
       RankDeficientFisherWarning,
       stacklevel=3,
     )
@@ -256,7 +268,7 @@ def scale_by_frog(
     new_leaves = {}
     for m in chosen:
       _check_layer_shapes(m, by_path[m], modules[m])
-      _warn_if_rank_deficient(m, by_path[m], modules[m])
+      _warn_if_rank_deficient(m, by_path[m], modules[m], damping)
       new_leaves[m] = precondition_layer(
         by_path[m], modules[m], damping=tau, cg_iters=cg_iters, eps=eps
       )
