@@ -10,6 +10,8 @@ import frog_optax as fo
 from frog_optax._src import fisher
 
 import explicit
+from layer_cases import LAYERS
+from layer_cases import make_layer
 
 ROWS, D = 5, 7
 
@@ -111,3 +113,24 @@ def test_traced_iteration_count(k):
   )(b, jnp.int32(k))
   want = fo.batched_cg(block_matvec(blocks), b, k, fisher.row_inner)
   np.testing.assert_allclose(got['kernel'], want['kernel'], rtol=1e-12)
+
+
+@pytest.mark.parametrize('spec', [LAYERS[0], LAYERS[2]], ids=['dense', 'conv'])
+def test_fisher_solve_with_k_equal_d_is_exact(spec):
+  # On the real row-wise Fisher operator, D iterations solve F̂_j z_j = m_j.
+  # (Damping 0.1 keeps the rows well conditioned: with κ ~ 1e3, CG's lost
+  # orthogonality in floating point leaves ~1e-5 after D steps.)
+  damping = 0.1
+  stats, params, features = make_layer(spec, True)
+  rng = np.random.default_rng(11)
+  m = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape)), params)
+  d = features.shape[-1]
+  op = fo.row_fisher_operator(stats, params, damping, jnp.float64)
+  z = fo.batched_cg(op, m, d, fisher.row_inner)
+  fishers = explicit.normalized_row_fishers(
+    features, stats.output_grads, damping
+  )
+  rhs = explicit.rows_to_vectors(m['kernel'], m['bias'])
+  want = np.stack([np.linalg.solve(f, b) for f, b in zip(fishers, rhs)])
+  got = explicit.rows_to_vectors(z['kernel'], z['bias'])
+  np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-9)
