@@ -14,11 +14,9 @@ and the whole per-layer solve.
 import argparse
 import json
 import os
-import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 import frog_optax as fo
@@ -41,19 +39,6 @@ def parse_args():
     help='skip the fori_loop CG variant (slow on CPU)',
   )
   return p.parse_args()
-
-
-def interleaved(fns, rounds):
-  """Median seconds of each zero-argument function, taking turns."""
-  for f in fns.values():
-    jax.block_until_ready(f())
-  times = {k: [] for k in fns}
-  for _ in range(rounds):
-    for k, f in fns.items():
-      t = time.perf_counter()
-      jax.block_until_ready(f())
-      times[k].append(time.perf_counter() - t)
-  return {k: float(np.median(v)) for k, v in times.items()}
 
 
 def layer_pieces(layer_stats, grads, cg_iters):
@@ -120,14 +105,14 @@ def main():
     step = train.make_train_step(model, tx, kind, args.sample)
     state = (params, batch_stats, tx.init(params))
     steps[key] = lambda step=step, state=state: step(state, x, y)
-  step_seconds = interleaved(steps, args.rounds)
+  step_seconds = train.interleaved(steps, args.rounds)
 
   # Breakdown on the statistics of one step.
   (_, _), grads, stats = jax.jit(
     fo.linen.value_and_grad(loss_fn, sample_size=args.sample, has_aux=True)
   )(params, batch_stats, x, y)
   parts = {
-    name: interleaved(
+    name: train.interleaved(
       layer_pieces(stats[name], grads[name], args.cg_iters), args.rounds
     )
     for name in ('conv0', 'conv1', 'conv2')

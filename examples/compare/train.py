@@ -188,15 +188,31 @@ def train_one(name, config, data, model, variables):
   )
 
 
+def interleaved(fns, rounds):
+  """Median seconds of each zero-argument function, taking turns per round.
+
+  Each function runs once untimed first (compilation, first-call costs).
+  """
+  for f in fns.values():
+    jax.block_until_ready(f())
+  times = {k: [] for k in fns}
+  for _ in range(rounds):
+    for k, f in fns.items():
+      t = time.perf_counter()
+      jax.block_until_ready(f())
+      times[k].append(time.perf_counter() - t)
+  return {k: float(np.median(v)) for k, v in times.items()}
+
+
 def interleaved_step_times(runs, x, y, rounds):
   """Median jitted step seconds, the optimizers taking turns every round."""
-  times = {name: [] for name in runs}
-  for _ in range(rounds):
-    for name, run in runs.items():
-      t = time.perf_counter()
-      jax.block_until_ready(run['step_fn'](run['state'], x, y))
-      times[name].append(time.perf_counter() - t)
-  return {name: float(np.median(t)) for name, t in times.items()}
+  return interleaved(
+    {
+      name: lambda run=run: run['step_fn'](run['state'], x, y)
+      for name, run in runs.items()
+    },
+    rounds,
+  )
 
 
 def summary_table(results, targets) -> str:

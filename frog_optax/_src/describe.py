@@ -4,6 +4,7 @@ from typing import Any
 
 import numpy as np
 
+from frog_optax._src import fisher
 from frog_optax._src import stats as stats_lib
 from frog_optax._src import transform
 
@@ -22,7 +23,6 @@ def describe_rows(
   by_path = stats_lib.stats_by_path(stats)
   rows = []
   for module, leaves in sorted(transform.module_leaves(params).items()):
-    kernel = leaves.get('kernel')
     entry = {
       'module': module or '/',
       'parameters': ', '.join(
@@ -34,11 +34,10 @@ def describe_rows(
       'samples': None,
     }
     if module in candidates:
-      entry['row_size'] = int(np.prod(kernel.shape[:-1])) + ('bias' in leaves)
+      entry['row_size'] = fisher.row_dimension(leaves)
       layer_stats = by_path.get(module)
       if layer_stats is not None:
-        dy = layer_stats.output_grads
-        entry['samples'] = int(np.prod(dy.shape[:-1]))
+        entry['samples'] = layer_stats.num_samples
       if module not in chosen:
         entry['why'] = 'excluded'
       elif layer_stats is None:

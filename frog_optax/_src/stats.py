@@ -7,6 +7,7 @@ boundaries as arrays), the geometry is static aux data.
 """
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -57,6 +58,11 @@ class LayerStats:
   inputs: jax.Array
   output_grads: jax.Array
   geometry: LayerGeometry = dataclasses.field(metadata={'static': True})
+
+  @property
+  def num_samples(self) -> int:
+    """(example, location) pairs behind each row's Fisher: its rank bound."""
+    return math.prod(self.output_grads.shape[:-1])
 
 
 jax.tree_util.register_dataclass(

@@ -6,7 +6,6 @@ Which parameters FROG preconditions is decided from the parameter tree alone
 excluded. Everything else goes to the fallback transformation.
 """
 
-import math
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -148,7 +147,7 @@ def _warn_if_rank_deficient(name, layer_stats, leaves, damping):
     and float(damping) >= SAFE_RANK_DEFICIENT_DAMPING
   ):
     return
-  samples = math.prod(layer_stats.output_grads.shape[:-1])
+  samples = layer_stats.num_samples
   row_size = fisher.row_dimension(leaves)
   if samples < row_size:
     warnings.warn(
