@@ -3,6 +3,8 @@
 collect_ignore_glob = [
   'examples/*/main.py',
   'examples/*/sweep.py',
-  'benchmarks/*.py',
+  'benchmarks/run.py',
+  'benchmarks/step_cost.py',
+  'benchmarks/report.py',
   '.venv/*',
 ]

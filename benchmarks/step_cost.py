@@ -1,14 +1,24 @@
-"""Jitted FROG step vs SGD/AdamW step on the example's conv net, and where
-FROG's extra time goes.
+"""FROG/SGD step-time ratio over batch size B, sample size s and CG
+iterations k, against the cost model 1 + 2ks/(3B), and where FROG's extra
+time goes.
 
-All step functions are compiled first, then timed in interleaved rounds in one
-process (the median of each), so the ratios are side by side. The breakdown
-times FROG's pieces on the captured statistics of one step: capture (the
-capture-enabled value_and_grad + SGD update vs the plain SGD step), the trace
-normalisation, the CG's forward and weight-gradient (transpose) convolutions,
-and the whole per-layer solve.
+For each B, every FROG (s, k) step, the SGD step and the AdamW step are
+compiled, then timed in interleaved rounds in one process (medians), so the
+ratios are side by side. The breakdown, at one (B, s, k), times FROG's
+pieces summed over the preconditioned layers: capture (the capture-enabled
+step feeding a plain SGD update, minus the SGD step), the trace
+normalisation, the CG's forward and transpose (weight-gradient)
+convolutions, and the whole per-layer solve.
 
-  python -m benchmarks.step_cost --out=benchmarks/results/step_cost_cpu.json
+  python -m benchmarks.step_cost --width 0.25 \
+    --out benchmarks/results/cpu/step_cost_resnet18.json
+
+On CPU the default batches are small (32, 64, 128) with s scaled alike
+(4, 8, 16), keeping the s/B ratios of B in {128, 256, 512}, s in
+{16, 32, 64} (the cost model depends on ks/B only); the committed CPU run
+also narrows the net (`--width 0.25`), since a full-width ResNet-18 step
+takes tens of seconds on 2 cores. On a GPU pass
+`--batches 128,256,512 --samples 16,32,64`.
 """
 
 import argparse
@@ -20,25 +30,70 @@ import jax.numpy as jnp
 import optax
 
 import frog_optax as fo
-from examples.compare import models
-from examples.compare import train
+from benchmarks import protocol
+from benchmarks import report
+from benchmarks import trainers
+from examples.cifar10 import models as cifar_models
+from examples.compare import models as compare_models
+from examples.compare import train as compare_train
 from frog_optax._src import fisher
+from frog_optax._src import transform
+
+NETS = {
+  'resnet18': ('CIFAR ResNet-18', cifar_models.ResNet18, (32, 32, 3)),
+  'convnet': (
+    'examples.compare ConvNet (32, 64, 64)',
+    compare_models.ConvNet,
+    (28, 28, 1),
+  ),
+}
 
 
-def parse_args():
+def _ints(text):
+  return tuple(int(v) for v in text.split(','))
+
+
+def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  p.add_argument('--batch', type=int, default=256)
-  p.add_argument('--sample', type=int, default=32)
-  p.add_argument('--cg-iters', type=int, default=4)
-  p.add_argument('--image', type=int, default=28, help='input height=width')
-  p.add_argument('--rounds', type=int, default=20)
-  p.add_argument('--out', default='benchmarks/results/step_cost_cpu.json')
+  p.add_argument('--net', choices=sorted(NETS), default='resnet18')
+  p.add_argument('--batches', type=_ints, default=(32, 64, 128))
+  p.add_argument('--samples', type=_ints, default=(4, 8, 16))
+  p.add_argument('--cg-iters', type=_ints, default=(2, 4, 8))
   p.add_argument(
-    '--skip-rolled',
-    action='store_true',
-    help='skip the fori_loop CG variant (slow on CPU)',
+    '--breakdown',
+    type=_ints,
+    default=None,
+    help='B,s,k of the breakdown (default: the middle of each list)',
   )
-  return p.parse_args()
+  p.add_argument(
+    '--width',
+    type=float,
+    default=1.0,
+    help='ResNet-18 channel multiplier (0.25: 16-32-64-128 channels)',
+  )
+  p.add_argument('--rounds', type=int, default=5)
+  p.add_argument(
+    '--kfac',
+    action=argparse.BooleanOptionalAction,
+    default=True,
+    help='also time kfac-jax (float32 only)',
+  )
+  p.add_argument('--dtype', choices=('float32', 'bfloat16'), default='float32')
+  p.add_argument(
+    '--out', default='benchmarks/results/cpu/step_cost_resnet18.json'
+  )
+  return p.parse_args(argv)
+
+
+def cost_model(batch, sample_size, cg_iters):
+  """FROG/SGD step ratio predicted by ALGORITHM.md's cost model."""
+  return 1 + 2 * cg_iters * sample_size / (3 * batch)
+
+
+def frog_tx(cg_iters, exclude=('head',), **kw):
+  return fo.frog(
+    0.01, weight_decay=1e-5, cg_iters=cg_iters, exclude=exclude, **kw
+  )
 
 
 def layer_pieces(layer_stats, grads, cg_iters):
@@ -57,7 +112,7 @@ def layer_pieces(layer_stats, grads, cg_iters):
   transpose = jax.jit(lambda x, c: fisher.layer_transpose(geom, x, grads)(c))
   solve = jax.jit(
     lambda s, g: fo.precondition_layer(
-      s, g, damping=1e-6, cg_iters=cg_iters, eps=1e-10
+      s, g, damping=1e-3, cg_iters=cg_iters, eps=1e-10
     )
   )
   return {
@@ -68,129 +123,227 @@ def layer_pieces(layer_stats, grads, cg_iters):
   }
 
 
-def main():
-  args = parse_args()
-  model = models.ConvNet()
-  x = jax.random.normal(
-    jax.random.key(0), (args.batch, args.image, args.image, 1)
-  )
-  y = jnp.arange(args.batch) % 10
-  variables = model.init(jax.random.key(1), x[:2])
-  params, batch_stats = variables['params'], variables['batch_stats']
-  loss_fn = train.make_loss(model)
-  frog_kw = dict(exclude=('head',), cg_iters=args.cg_iters)
-  optimizers = {
-    'sgd': ('sgd', optax.sgd(0.1, momentum=0.9, nesterov=True)),
-    'adamw': ('adamw', optax.adamw(1e-3)),
-    'frog': ('frog', fo.frog(0.1, **frog_kw)),
-    # Capture cost alone: the FROG value_and_grad feeding an SGD update.
-    'capture_only': (
-      'frog',
-      fo.frog(
-        0.1,
-        fallback=optax.sgd(0.1, 0.9),
-        exclude=('conv0', 'conv1', 'conv2', 'head'),
-      ),
-    ),
-  }
-  if not args.skip_rolled:
-    # The CG as a fori_loop (what a traced cg_iters gives): kept to show why
-    # the solver unrolls static counts.
-    optimizers['frog_rolled_loop'] = (
-      'frog',
-      optax.inject_hyperparams(fo.frog)(0.1, **frog_kw),
-    )
-  steps = {}
-  for key, (kind, tx) in optimizers.items():
-    step = train.make_train_step(model, tx, kind, args.sample)
-    state = (params, batch_stats, tx.init(params))
-    steps[key] = lambda step=step, state=state: step(state, x, y)
-  step_seconds = train.interleaved(steps, args.rounds)
+def _stats_leaves(tree, prefix=()):
+  """(path, LayerStats) of every captured layer of a stats tree."""
+  if isinstance(tree, fo.LayerStats):
+    yield prefix, tree
+  elif isinstance(tree, dict):
+    for k, v in tree.items():
+      yield from _stats_leaves(v, prefix + (k,))
 
-  # Breakdown on the statistics of one step.
+
+def _get(tree, path):
+  for k in path:
+    tree = tree[k]
+  return tree
+
+
+def breakdown(model, variables, x, y, batch, sample_size, cg_iters, rounds):
+  """Capture cost and FROG's pieces (seconds per step, all layers)."""
+  capture_only = frog_tx(
+    cg_iters,
+    fallback=optax.sgd(0.01, 0.9),
+    # Every layer on the fallback: the capture runs, nothing is solved.
+    exclude=tuple(transform.preconditioned_modules(variables['params'])),
+  )
+  runs = {
+    'sgd': _run(model, variables, optax.sgd(0.01, 0.9), None, x, y),
+    'capture_only': _run(model, variables, capture_only, sample_size, x, y),
+  }
+  medians, _, _ = protocol.interleaved_steps(runs, x, y, rounds)
+  loss_fn = trainers.classification_loss(fo.linen.capture(model.apply))
   (_, _), grads, stats = jax.jit(
-    fo.linen.value_and_grad(loss_fn, sample_size=args.sample, has_aux=True)
-  )(params, batch_stats, x, y)
-  parts = {
-    name: train.interleaved(
-      layer_pieces(stats[name], grads[name], args.cg_iters), args.rounds
+    fo.linen.value_and_grad(loss_fn, sample_size=sample_size, has_aux=True)
+  )(variables['params'], variables['batch_stats'], x, y)
+  totals = {}
+  for path, layer_stats in _stats_leaves(stats):
+    if path[0] == 'head':
+      continue
+    times = compare_train.interleaved(
+      layer_pieces(layer_stats, _get(grads, path), cg_iters), rounds
     )
-    for name in ('conv0', 'conv1', 'conv2')
-  }
-  totals = {
-    k: sum(p[k] for p in parts.values()) for k in next(iter(parts.values()))
-  }
+    for k, v in times.items():
+      totals[k] = totals.get(k, 0.0) + v
+  totals['cg_convs_per_step'] = cg_iters * (
+    totals['cg_forward_conv'] + totals['cg_transpose_conv']
+  )
+  totals['capture'] = medians['capture_only'] - medians['sgd']
+  return dict(
+    batch=batch, sample_size=sample_size, cg_iters=cg_iters, seconds=totals
+  )
 
-  model_ratio = 1 + 2 * args.cg_iters * args.sample / (3 * args.batch)
-  sgd = step_seconds['sgd']
+
+def _run(model, variables, tx, sample_size, x, y):
+  trainer = trainers.optax_trainer(model, tx, sample_size=sample_size)
+  state = trainer.init(jax.tree.map(jnp.array, variables), None, x, y)
+  return dict(trainer=trainer, state=state)
+
+
+def _kfac_run(model, variables, x, y):
+  trainer = trainers.kfac_trainer(
+    model,
+    lambda _: 0.01,
+    momentum=0.9,
+    damping=1e-3,
+    weight_decay=1e-4,
+    inverse_update_period=5,
+  )
+  state = trainer.init(
+    jax.tree.map(jnp.array, variables), jax.random.key(2), x, y
+  )
+  return dict(trainer=trainer, state=state)
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  title, net, shape = NETS[args.net]
+  dtype = jnp.dtype(args.dtype)
+  if args.kfac and args.dtype != 'float32':
+    raise ValueError('--kfac times kfac-jax in float32 only; pass --no-kfac.')
+  if args.net == 'resnet18':
+    widths = tuple(int(c * args.width) for c in (64, 128, 256, 512))
+    model = net(num_classes=10, stage_features=widths, dtype=dtype)
+    title = f'{title}, channels {widths}'
+  else:
+    model = net(num_classes=10, dtype=dtype)
+  key = jax.random.key(0)
+  points, baselines = [], {}
+  for batch in args.batches:
+    x = jax.random.normal(key, (batch, *shape), dtype)
+    y = jnp.arange(batch) % 10
+    variables = model.init(jax.random.key(1), x[:2])
+    runs = {
+      'sgd': _run(
+        model, variables, optax.sgd(0.1, 0.9, nesterov=True), None, x, y
+      ),
+      'adamw': _run(model, variables, optax.adamw(1e-3), None, x, y),
+    }
+    for s in args.samples:
+      for k in args.cg_iters:
+        runs[f'frog_s{s}_k{k}'] = _run(model, variables, frog_tx(k), s, x, y)
+    if args.kfac:
+      runs['kfac'] = _kfac_run(model, variables, x, y)
+    medians, spreads, first = protocol.interleaved_steps(
+      runs, x, y, args.rounds
+    )
+    sgd = medians['sgd']
+    baselines[str(batch)] = {
+      name: dict(
+        seconds=medians[name],
+        mean_seconds=spreads[name]['mean'],
+        ratio_to_sgd=medians[name] / sgd,
+        mean_ratio_to_sgd=spreads[name]['mean'] / sgd,
+      )
+      for name in runs
+      if not name.startswith('frog')
+    }
+    for s in args.samples:
+      for k in args.cg_iters:
+        name = f'frog_s{s}_k{k}'
+        points.append(
+          dict(
+            batch=batch,
+            sample_size=s,
+            cg_iters=k,
+            frog_seconds=medians[name],
+            frog_seconds_iqr=spreads[name]['iqr'],
+            sgd_seconds=sgd,
+            ratio=medians[name] / sgd,
+            model_ratio=cost_model(batch, s, k),
+            compile_seconds=first[name] - protocol.WARMUP_STEPS * medians[name],
+          )
+        )
+        p = points[-1]
+        print(
+          f'B={batch:4d} s={s:3d} k={k}: FROG/SGD {p["ratio"]:.2f}'
+          f' (model {p["model_ratio"]:.2f}), SGD {sgd * 1e3:.0f} ms'
+        )
+  mid = lambda v: v[len(v) // 2]
+  b, s, k = args.breakdown or (
+    mid(args.batches),
+    mid(args.samples),
+    mid(args.cg_iters),
+  )
+  x = jax.random.normal(key, (b, *shape), dtype)
+  y = jnp.arange(b) % 10
+  variables = model.init(jax.random.key(1), x[:2])
+  parts = breakdown(model, variables, x, y, b, s, k, args.rounds)
+  print('breakdown of the extra FROG time (ms per step):')
+  for name, v in parts['seconds'].items():
+    print(f'  {name:>20}: {v * 1e3:8.1f}')
   result = dict(
-    train.environment(),
+    compare_train.environment(),
+    kind='step_cost',
     setup=dict(
-      net='examples.compare.models.ConvNet (32, 64, 64)',
-      input=[args.batch, args.image, args.image, 1],
-      batch=args.batch,
-      sample_size=args.sample,
-      cg_iters=args.cg_iters,
+      net=title,
+      image=list(shape),
+      dtype=args.dtype,
       rounds=args.rounds,
+      frog='fo.frog(0.01, weight_decay=1e-5, damping=1e-3, head excluded)',
     ),
-    step_seconds=step_seconds,
-    ratio_to_sgd={k: v / sgd for k, v in step_seconds.items()},
-    cost_model_ratio=model_ratio,
-    breakdown_seconds_per_layer=parts,
-    breakdown_seconds_total=dict(
-      totals,
-      capture=step_seconds['capture_only'] - sgd,
-      cg_convs_per_step=args.cg_iters
-      * (totals['cg_forward_conv'] + totals['cg_transpose_conv']),
-    ),
+    baselines=baselines,
+    points=points,
+    breakdown=parts,
   )
-  print(
-    f'B={args.batch} s={args.sample} k={args.cg_iters} '
-    f'(cost model {model_ratio:.2f}x)'
-  )
-  for k, v in step_seconds.items():
-    print(f'  {k:>17}: {v * 1e3:8.1f} ms  {v / sgd:5.2f}x SGD')
-  print('  breakdown of the extra FROG time (ms per step):')
-  for k, v in result['breakdown_seconds_total'].items():
-    print(f'    {k:>20}: {v * 1e3:8.2f}')
   os.makedirs(os.path.dirname(args.out) or '.', exist_ok=True)
   with open(args.out, 'w') as f:
     json.dump(result, f, indent=1)
-  plot(result, os.path.splitext(args.out)[0] + '.png')
-  print(f'wrote {args.out}')
-
-
-def plot(result, path):
   import matplotlib  # noqa: PLC0415
 
   matplotlib.use('Agg')
+  plot(result, os.path.splitext(args.out)[0] + '.png')
+  print(f'wrote {args.out}')
+  return result
+
+
+def plot(result, path=None):
+  """Measured vs model ratios and the breakdown; saved, or returned if None."""
   import matplotlib.pyplot as plt  # noqa: PLC0415
 
-  fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
-  names = list(result['step_seconds'])
-  a.bar(names, [result['ratio_to_sgd'][n] for n in names])
-  a.axhline(
-    result['cost_model_ratio'],
-    color='k',
-    ls='--',
-    label=f'cost model {result["cost_model_ratio"]:.2f}x',
+  fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
+  pts = result['points']
+  for k in sorted({p['cg_iters'] for p in pts}):
+    sel = [p for p in pts if p['cg_iters'] == k]
+    a.scatter(
+      [p['model_ratio'] for p in sel], [p['ratio'] for p in sel], label=f'k={k}'
+    )
+  hi = max(max(p['ratio'] for p in pts), max(p['model_ratio'] for p in pts))
+  a.plot([1, hi], [1, hi], 'k--', lw=0.8, label='measured = model')
+  a.fill_between(
+    [1, hi],
+    [0.85, 0.85 * hi],
+    [1.15, 1.15 * hi],
+    color='grey',
+    alpha=0.15,
+    label='±15%',
   )
-  a.set_ylabel('step time / SGD step')
-  a.tick_params(axis='x', rotation=20)
+  a.set_xlabel('cost model 1 + 2ks/(3B)')
+  a.set_ylabel('measured FROG / SGD step time')
   a.legend()
-  parts = result['breakdown_seconds_total']
-  keys = ['capture', 'trace', 'cg_convs_per_step', 'solve_total']
+  a.grid(alpha=0.3)
+  parts = result['breakdown']['seconds']
+  keys = [
+    'capture',
+    'trace',
+    'cg_forward_conv',
+    'cg_transpose_conv',
+    'cg_convs_per_step',
+    'solve_total',
+  ]
   b.bar(keys, [parts[k] * 1e3 for k in keys])
-  b.set_ylabel('ms per step')
-  b.set_title('where FROG spends its extra time')
-  s = result['setup']
+  b.tick_params(axis='x', rotation=25)
+  b.set_ylabel('ms per step (all layers)')
+  bd = result['breakdown']
+  b.set_title(
+    f'breakdown at B={bd["batch"]}, s={bd["sample_size"]}, k={bd["cg_iters"]}'
+    ' (CG convs: per iteration)'
+  )
   fig.suptitle(
-    f'B={s["batch"]} s={s["sample_size"]} k={s["cg_iters"]}, '
-    f'{result["machine"]["processor"]}'
+    f'{result["setup"]["net"]} {result["setup"]["dtype"]},'
+    f' {result["machine"]["processor"]}'
   )
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  return report.save_or_return(fig, path)
 
 
 if __name__ == '__main__':

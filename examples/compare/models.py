@@ -7,7 +7,7 @@ import jax.numpy as jnp
 
 
 class ConvNet(nn.Module):
-  """`len(features)` conv-BN-relu blocks, global average pool, Dense head.
+  """`len(features)` conv-BN-relu blocks, then a Dense head.
 
   Works on images `(B, H, W, C)` and signals `(B, L, C)`: the kernel rank
   follows the input. Blocks after the first downsample by 2.
@@ -15,6 +15,7 @@ class ConvNet(nn.Module):
 
   features: Sequence[int] = (32, 64, 64)
   num_classes: int = 10
+  pool: bool = True
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
@@ -38,5 +39,8 @@ class ConvNet(nn.Module):
         name=f'bn{i}',
       )(x)
       x = nn.relu(x)
-    x = x.mean(axis=tuple(range(1, 1 + spatial)))
+    if self.pool:
+      x = x.mean(axis=tuple(range(1, 1 + spatial)))
+    else:
+      x = x.reshape(len(x), -1)
     return nn.Dense(self.num_classes, dtype=self.dtype, name='head')(x)

@@ -1,0 +1,295 @@
+"""The benchmark protocol for one task.
+
+1. Sweep: every optimizer trains once per learning rate of its grid (seed
+   0) on the training split minus a held-out validation split, and keeps
+   the learning rate with the best final validation accuracy.
+2. Seeds: every optimizer trains at its chosen learning rate with each seed
+   (initialisation and batch order) on the full training split, evaluated on
+   the test split.
+3. Cost: the jitted step of each optimizer, timed interleaved in this
+   process on one batch (medians), its compile time and memory.
+
+Training wall-clock counts steps only: compilation happens in a warm-up
+before the clock starts, and evaluation is excluded.
+"""
+
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm.auto import tqdm
+
+from benchmarks import tasks as tasks_lib
+from examples.compare import train as compare_train
+
+# Steps run before timing: kfac-jax compiles a second step variant (the
+# one that refreshes its inverses) on its first step.
+WARMUP_STEPS = 2
+
+
+def _batch(data, idx):
+  return jnp.asarray(data.x_train[idx]), jnp.asarray(data.y_train[idx])
+
+
+def build(task, spec, data, learning_rate, seed, total_steps):
+  """Model, trainer and initial state of one run."""
+  model = task.make_model(data.num_classes)
+  x, y = _batch(data, np.arange(task.batch_size))
+  variables = model.init(jax.random.key(seed), x[:2])
+  schedule = optax.cosine_decay_schedule(learning_rate, total_steps)
+  trainer = spec.build(model, schedule, task)
+  # A fresh copy per call: steps donate their state, and the warm-up state
+  # must not delete the arrays the real run starts from.
+  init = lambda: trainer.init(
+    jax.tree.map(jnp.array, variables), jax.random.key(seed + 1), x, y
+  )
+  return model, trainer, init, (x, y)
+
+
+def train_run(task, spec, data, learning_rate, seed, desc=''):
+  """One training run; returns its history and summary numbers."""
+  steps_per_epoch = len(data.y_train) // task.batch_size
+  total_steps = steps_per_epoch * task.num_epochs
+  model, trainer, init, (x, y) = build(
+    task, spec, data, learning_rate, seed, total_steps
+  )
+  accuracy = compare_train.make_eval(model)
+
+  def evaluate(state):
+    v = trainer.variables(state)
+    return accuracy(v['params'], v['batch_stats'], data.x_test, data.y_test)
+
+  warm = init()
+  t = time.perf_counter()
+  for _ in range(WARMUP_STEPS):
+    warm, loss = trainer.step(warm, x, y)
+  jax.block_until_ready(loss)
+  warmup_seconds = time.perf_counter() - t
+  del warm
+
+  state = init()
+  history = [
+    dict(
+      step=0, train_seconds=0.0, train_loss=None, test_accuracy=evaluate(state)
+    )
+  ]
+  rng = np.random.default_rng(seed)
+  train_seconds, count, diverged = 0.0, 0, False
+  with tqdm(total=total_steps, desc=desc, leave=False) as bar:
+    for _ in range(task.num_epochs):
+      for idx in compare_train.epoch_batches(
+        rng, len(data.y_train), task.batch_size
+      ):
+        t = time.perf_counter()
+        state, loss = trainer.step(state, *_batch(data, idx))
+        loss = float(loss)  # waits for the step
+        train_seconds += time.perf_counter() - t
+        count += 1
+        bar.update(1)
+        diverged = not np.isfinite(loss)
+        if diverged or count % task.eval_every == 0 or count == total_steps:
+          acc = evaluate(state)
+          history.append(
+            dict(
+              step=count,
+              train_seconds=train_seconds,
+              train_loss=loss,
+              test_accuracy=acc,
+            )
+          )
+          bar.set_postfix(loss=f'{loss:.3f}', acc=f'{acc:.4f}')
+        if diverged:
+          break
+      if diverged:
+        break
+  return dict(
+    learning_rate=learning_rate,
+    seed=seed,
+    history=history,
+    diverged=diverged,
+    final_accuracy=history[-1]['test_accuracy'],
+    train_seconds=train_seconds,
+    warmup_seconds=warmup_seconds,
+    to_target={
+      str(a): compare_train.first_reach(history, a) for a in task.targets
+    },
+  )
+
+
+def sweep(task, spec, data):
+  """Learning-rate sweep on the validation split; returns trials and pick."""
+  val = tasks_lib.validation_split(data)
+  trials = [
+    train_run(task, spec, val, lr, seed=0, desc=f'{spec.name} lr={lr:g}')
+    for lr in spec.learning_rates
+  ]
+  scores = [t['final_accuracy'] for t in trials]
+  best = int(np.argmax(scores))
+  return dict(
+    trials=[
+      {k: t[k] for k in ('learning_rate', 'final_accuracy', 'diverged')}
+      for t in trials
+    ],
+    chosen_learning_rate=spec.learning_rates[best],
+    chosen_at_grid_edge=best in (0, len(scores) - 1),
+  )
+
+
+def _tree_bytes(tree) -> int:
+  return int(
+    sum(x.nbytes for x in jax.tree.leaves(tree) if hasattr(x, 'nbytes'))
+  )
+
+
+def step_costs(task, specs, data, learning_rates, rounds):
+  """Interleaved step time, compile time and memory of each optimizer.
+
+  Every optimizer keeps stepping its own state on one batch; the rounds
+  take turns so machine noise hits all of them alike.
+  """
+  runs = {}
+  for spec in specs:
+    _, trainer, init, (x, y) = build(
+      task, spec, data, learning_rates[spec.name], 0, 1000
+    )
+    state = init()
+    variables_bytes = _tree_bytes(trainer.variables(state))
+    runs[spec.name] = dict(
+      trainer=trainer,
+      state=state,
+      state_bytes=_tree_bytes(state) - variables_bytes,
+    )
+  medians, spreads, first_calls = interleaved_steps(runs, x, y, rounds)
+  out = {}
+  for name, run in runs.items():
+    out[name] = dict(
+      step_seconds=medians[name],
+      step_seconds_mean=spreads[name]['mean'],
+      step_seconds_iqr=spreads[name]['iqr'],
+      compile_seconds=first_calls[name] - WARMUP_STEPS * medians[name],
+      optimizer_state_bytes=run['state_bytes'],
+      xla_step_bytes=xla_bytes(run['trainer'], run['state'], x, y),
+    )
+  base = out.get('sgd', {}).get('step_seconds')
+  for r in out.values():
+    r['ratio_to_sgd'] = r['step_seconds'] / base if base else None
+  return out
+
+
+def interleaved_steps(runs, x, y, rounds):
+  """Times each run's step on `(x, y)`, the runs taking turns every round.
+
+  `runs[name]` holds a `trainer` and its `state`, which is replaced by the
+  state each step returns (steps donate their input). Returns the median
+  of each, its mean and interquartile range (kfac-jax's mean includes its
+  periodic inverse refreshes; its median does not), and the seconds of the
+  `WARMUP_STEPS` untimed first calls (compilation included).
+  """
+  first_calls = {}
+  for name, run in runs.items():
+    t = time.perf_counter()
+    for _ in range(WARMUP_STEPS):
+      run['state'], loss = run['trainer'].step(run['state'], x, y)
+    jax.block_until_ready(loss)
+    first_calls[name] = time.perf_counter() - t
+  times = {name: [] for name in runs}
+  # A new order every round: a step runs slower right after a heavy one
+  # (kfac-jax's, say), so no optimizer may always follow the same one.
+  order, rng = list(runs), np.random.default_rng(0)
+  for _ in tqdm(range(rounds), desc='interleaved step timing', leave=False):
+    rng.shuffle(order)
+    for name in order:
+      run = runs[name]
+      t = time.perf_counter()
+      run['state'], loss = run['trainer'].step(run['state'], x, y)
+      jax.block_until_ready(loss)
+      times[name].append(time.perf_counter() - t)
+  medians = {k: float(np.median(v)) for k, v in times.items()}
+  spreads = {
+    k: dict(
+      mean=float(np.mean(v)),
+      iqr=[float(q) for q in np.percentile(v, [25, 75])],
+    )
+    for k, v in times.items()
+  }
+  return medians, spreads, first_calls
+
+
+def xla_bytes(trainer, state, x, y) -> dict[str, int] | None:
+  """XLA's memory plan of a jitted step (None for kfac-jax's own step)."""
+  if not hasattr(trainer.step, 'lower'):
+    return None
+  stats = trainer.step.lower(state, x, y).compile().memory_analysis()
+  if stats is None:
+    return None
+  return dict(
+    arguments=int(stats.argument_size_in_bytes),
+    outputs=int(stats.output_size_in_bytes),
+    temporaries=int(stats.temp_size_in_bytes),
+  )
+
+
+def aggregate(seed_runs, targets) -> dict[str, Any]:
+  """Mean ± std of the final accuracy and the per-target crossings."""
+  finals = np.array([r['final_accuracy'] for r in seed_runs])
+  out = dict(
+    final_accuracy_mean=float(finals.mean()),
+    final_accuracy_std=float(finals.std(ddof=1)) if len(finals) > 1 else 0.0,
+    train_seconds_mean=float(np.mean([r['train_seconds'] for r in seed_runs])),
+    to_target={},
+  )
+  for a in targets:
+    hits = [r['to_target'][str(a)] for r in seed_runs]
+    reached = [h for h in hits if h is not None]
+    out['to_target'][str(a)] = dict(
+      reached=len(reached),
+      of=len(hits),
+      # Medians over the seeds that reached the target.
+      steps_median=float(np.median([h[0] for h in reached]))
+      if reached
+      else None,
+      seconds_median=float(np.median([h[1] for h in reached]))
+      if reached
+      else None,
+    )
+  return out
+
+
+def run_task(task, specs, data, seeds, timing_rounds, learning_rates=None):
+  """Sweep (unless `learning_rates` is given), seeds, costs: the task's JSON."""
+  result = dict(task=task.name, description=task.description, optimizers={})
+  chosen = {}
+  for spec in specs:
+    entry = dict(description=spec.description, grid=list(spec.learning_rates))
+    if learning_rates and spec.name in learning_rates:
+      entry['sweep'] = None
+      chosen[spec.name] = learning_rates[spec.name]
+    else:
+      entry['sweep'] = sweep(task, spec, data)
+      chosen[spec.name] = entry['sweep']['chosen_learning_rate']
+    entry['learning_rate'] = chosen[spec.name]
+    entry['seed_runs'] = [
+      train_run(
+        task,
+        spec,
+        data,
+        chosen[spec.name],
+        seed,
+        desc=f'{spec.name} seed {seed}',
+      )
+      for seed in seeds
+    ]
+    entry['summary'] = aggregate(entry['seed_runs'], task.targets)
+    result['optimizers'][spec.name] = entry
+    print(
+      f'{task.name} {spec.name}: lr {chosen[spec.name]:g}, test accuracy'
+      f' {entry["summary"]["final_accuracy_mean"]:.4f}'
+      f' ± {entry["summary"]["final_accuracy_std"]:.4f}'
+    )
+  costs = step_costs(task, specs, data, chosen, timing_rounds)
+  for name, c in costs.items():
+    result['optimizers'][name]['cost'] = c
+  return result

@@ -1,0 +1,117 @@
+"""The benchmark CLI: FROG against the optimizers people would pick instead.
+
+  python -m benchmarks.run --suite cpu --data ../shared/data/mnist10k.npz
+  python -m benchmarks.run --suite smoke --out /tmp/bench   # seconds
+
+Writes `<out>/<suite>/<task>.json` (raw: command, machine, versions,
+seeds, every history) per task, then `summary.md` and the plots drawn from
+those files (`benchmarks.report`). A task whose data is missing is skipped
+with a message.
+"""
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+
+from benchmarks import optimizers as optimizers_lib
+from benchmarks import protocol
+from benchmarks import report
+from benchmarks import tasks as tasks_lib
+from examples.compare import train as compare_train
+
+
+@dataclasses.dataclass(frozen=True)
+class Suite:
+  tasks: tuple[str, ...]
+  seeds: tuple[int, ...]
+  timing_rounds: int
+  grid_size: int | None = None  # first n learning rates of each grid
+  max_examples: tuple[int, int] | None = None  # (train, test) subsample
+
+
+SUITES = {
+  'cpu': Suite(
+    tasks=('mnist10k', 'mnist1d'), seeds=(0, 1, 2), timing_rounds=20
+  ),
+  'smoke': Suite(
+    tasks=('smoke',),
+    seeds=(0, 1),
+    timing_rounds=3,
+    grid_size=2,
+    max_examples=(320, 128),
+  ),
+}
+
+
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  p.add_argument('--suite', choices=sorted(SUITES), default='cpu')
+  p.add_argument(
+    '--data',
+    default='../shared/data/mnist10k.npz',
+    help='mnist10k.npz (MNIST-10k task; skipped when absent)',
+  )
+  p.add_argument('--out', default='benchmarks/results')
+  p.add_argument(
+    '--optimizers',
+    default=','.join(optimizers_lib.OPTIMIZERS),
+    help='comma-separated registry names',
+  )
+  p.add_argument('--tasks', default=None, help="comma-separated; the suite's")
+  return p.parse_args(argv)
+
+
+def main(argv=None) -> list[str]:
+  """Runs the suite; returns the JSON paths written."""
+  argv = sys.argv[1:] if argv is None else list(argv)
+  args = parse_args(argv)
+  suite = SUITES[args.suite]
+  specs = [optimizers_lib.get(n) for n in args.optimizers.split(',')]
+  if suite.grid_size:
+    specs = [
+      dataclasses.replace(s, learning_rates=s.learning_rates[: suite.grid_size])
+      for s in specs
+    ]
+  out_dir = os.path.join(args.out, args.suite)
+  os.makedirs(out_dir, exist_ok=True)
+  written = []
+  for name in args.tasks.split(',') if args.tasks else suite.tasks:
+    task = tasks_lib.get(name)
+    try:
+      data = task.load(args.data)
+    except FileNotFoundError as e:
+      print(f'skipping {name}: {e}')
+      continue
+    if suite.max_examples:
+      data = tasks_lib.subsample(data, *suite.max_examples)
+    result = dict(
+      compare_train.environment(),
+      suite=args.suite,
+      seeds=list(suite.seeds),
+      batch_size=task.batch_size,
+      num_epochs=task.num_epochs,
+      targets=list(task.targets),
+      **protocol.run_task(task, specs, data, suite.seeds, suite.timing_rounds),
+    )
+    result['versions']['kfac_jax'] = _kfac_version()
+    result['command'] = ' '.join(['python -m benchmarks.run', *argv])
+    path = os.path.join(out_dir, f'{name}.json')
+    with open(path, 'w') as f:
+      json.dump(result, f, indent=1)
+    written.append(path)
+    print(f'wrote {path}')
+  if written:
+    report.write(out_dir)
+  return written
+
+
+def _kfac_version() -> str:
+  import kfac_jax  # noqa: PLC0415
+
+  return kfac_jax.__version__
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,198 @@
+"""The harness end to end on the smoke suite, and its pieces."""
+
+import json
+import os
+
+import jax
+import jax.extend as jex
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from benchmarks import kfac_compat
+from benchmarks import optimizers
+from benchmarks import protocol
+from benchmarks import report
+from benchmarks import run
+from benchmarks import tasks
+
+
+@pytest.fixture(scope='module')
+def smoke(tmp_path_factory):
+  out = tmp_path_factory.mktemp('bench')
+  (path,) = run.main(['--suite', 'smoke', '--out', str(out)])
+  with open(path) as f:
+    return json.load(f), os.path.dirname(path)
+
+
+def test_every_registered_optimizer_is_benchmarked(smoke):
+  result, _ = smoke
+  assert list(result['optimizers']) == list(optimizers.OPTIMIZERS)
+  assert result['versions']['kfac_jax']
+  assert result['command'].startswith('python -m benchmarks.run --suite smoke')
+
+
+def test_sweep_picks_the_best_validation_accuracy(smoke):
+  result, _ = smoke
+  grid_size = run.SUITES['smoke'].grid_size
+  for name, r in result['optimizers'].items():
+    trials = r['sweep']['trials']
+    grid = optimizers.get(name).learning_rates[:grid_size]
+    assert [t['learning_rate'] for t in trials] == list(grid)
+    best = max(trials, key=lambda t: t['final_accuracy'])
+    assert r['learning_rate'] == best['learning_rate']
+    assert all(
+      run['learning_rate'] == best['learning_rate'] for run in r['seed_runs']
+    )
+
+
+def test_seed_runs_and_their_summary(smoke):
+  result, _ = smoke
+  task = tasks.get('smoke')
+  steps = (
+    run.SUITES['smoke'].max_examples[0] // task.batch_size * task.num_epochs
+  )
+  for r in result['optimizers'].values():
+    runs = r['seed_runs']
+    assert [x['seed'] for x in runs] == result['seeds']
+    for x in runs:
+      h = x['history']
+      assert h[-1]['step'] == steps or x['diverged']
+      assert np.all(np.diff([e['step'] for e in h]) > 0)
+      assert np.all(np.diff([e['train_seconds'] for e in h]) >= 0)
+      # First evaluation at or above each target, recomputed here.
+      for a in task.targets:
+        hits = [
+          (e['step'], e['train_seconds']) for e in h if e['test_accuracy'] >= a
+        ]
+        expected = list(hits[0]) if hits else None
+        assert x['to_target'][str(a)] == expected
+    finals = [x['final_accuracy'] for x in runs]
+    np.testing.assert_allclose(
+      r['summary']['final_accuracy_mean'], np.mean(finals)
+    )
+    np.testing.assert_allclose(
+      r['summary']['final_accuracy_std'], np.std(finals, ddof=1)
+    )
+
+
+def test_costs_are_side_by_side(smoke):
+  result, _ = smoke
+  costs = {n: r['cost'] for n, r in result['optimizers'].items()}
+  assert costs['sgd']['ratio_to_sgd'] == 1.0
+  for c in costs.values():
+    assert c['step_seconds'] > 0
+    np.testing.assert_allclose(
+      c['ratio_to_sgd'], c['step_seconds'] / costs['sgd']['step_seconds']
+    )
+  # AdamW keeps two moments, SGD one: state sizes are real measurements.
+  assert costs['adamw']['optimizer_state_bytes'] == pytest.approx(
+    2 * costs['sgd']['optimizer_state_bytes'], rel=0.01
+  )
+  assert costs['sgd']['xla_step_bytes']['temporaries'] > 0
+  assert costs['kfac']['xla_step_bytes'] is None
+
+
+def test_report_from_the_json(smoke):
+  result, folder = smoke
+  with open(os.path.join(folder, 'summary.md')) as f:
+    text = f.read()
+  for name, r in result['optimizers'].items():
+    s = r['summary']
+    assert f'| {name} | ' in text
+    assert (
+      f'{s["final_accuracy_mean"]:.4f} ± {s["final_accuracy_std"]:.4f}' in text
+    )
+  assert os.path.getsize(os.path.join(folder, 'smoke.png')) > 10_000
+
+
+def test_band_takes_the_last_evaluation_before_each_time():
+  runs = [
+    {
+      'history': [
+        dict(t=0.0, test_accuracy=0.1),
+        dict(t=2.0, test_accuracy=0.5),
+      ]
+    },
+    {
+      'history': [
+        dict(t=0.0, test_accuracy=0.3),
+        dict(t=1.0, test_accuracy=0.9),
+      ]
+    },
+  ]
+  mean, lo, hi = report._band(runs, 't', np.array([0.0, 1.5, 2.0]))
+  np.testing.assert_allclose(lo, [0.1, 0.1, 0.5])
+  np.testing.assert_allclose(hi, [0.3, 0.9, 0.9])
+  np.testing.assert_allclose(mean, [0.2, 0.5, 0.7])
+
+
+def test_validation_split_is_the_training_tail():
+  data = tasks.subsample(tasks.get('smoke').load(None), 100, 10)
+  val = tasks.validation_split(data, 0.2)
+  np.testing.assert_array_equal(val.x_train, data.x_train[:80])
+  np.testing.assert_array_equal(val.y_test, data.y_train[80:])
+  with pytest.raises(ValueError, match='fraction'):
+    tasks.validation_split(data, 1.0)
+
+
+@pytest.mark.parametrize('name', list(optimizers.OPTIMIZERS))
+def test_each_optimizer_fits_one_batch(name):
+  """30 steps on one batch at the grid's middle rate cut its loss by 20%."""
+  spec = optimizers.get(name)
+  task = tasks.get('smoke')
+  data = tasks.subsample(task.load(None), 64, 8)
+  _, trainer, init, (x, y) = protocol.build(
+    task,
+    spec,
+    data,
+    spec.learning_rates[len(spec.learning_rates) // 2],
+    0,
+    1000,
+  )
+  state = init()
+  losses = []
+  for _ in range(30):
+    state, loss = trainer.step(state, x, y)
+    losses.append(float(loss))
+  assert losses[-1] < 0.8 * losses[0], losses
+
+
+def test_kfac_compat_evaluates_equations_like_jax():
+  """The patched helper binds every equation kind to jax's own results."""
+  from kfac_jax._src import tag_graph_matcher  # noqa: PLC0415
+
+  kfac_compat.patch()
+  assert tag_graph_matcher.eval_jaxpr_eqn is kfac_compat._eval_jaxpr_eqn
+
+  @jax.jit
+  def inner(a):
+    return jnp.sin(a) @ a.T
+
+  def f(a, b):
+    c = jax.nn.relu(inner(a)) + b  # a nested jit (pjit) and a custom_jvp
+    return jax.lax.conv_general_dilated(
+      c[None, None], jnp.ones((1, 1, 2, 2)), (1, 1), 'SAME'
+    )
+
+  a, b = jnp.arange(6.0).reshape(2, 3) / 7, jnp.ones((2, 2))
+  closed = jax.make_jaxpr(f)(a, b)
+  env = dict(zip(closed.jaxpr.invars, (a, b)))
+  for eqn in closed.jaxpr.eqns:
+    ins = [
+      v.val if isinstance(v, jex.core.Literal) else env[v] for v in eqn.invars
+    ]
+    for var, val in zip(eqn.outvars, kfac_compat._eval_jaxpr_eqn(eqn, ins)):
+      env[var] = val
+  np.testing.assert_allclose(env[closed.jaxpr.outvars[0]], f(a, b), rtol=1e-6)
+
+
+def test_readme_block_is_generated_from_the_committed_results(monkeypatch):
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  monkeypatch.chdir(root)
+  folder = os.path.join('benchmarks', 'results', 'cpu')
+  with open('README.md') as f:
+    readme = f.read()
+  block = readme.split(report.BEGIN)[1].split(report.END)[0]
+  assert block.strip() == report.readme_block(folder).strip()
+  assert 'mnist10k' in block and 'mnist1d' in block and 'Step cost' in block

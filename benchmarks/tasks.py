@@ -1,0 +1,155 @@
+"""The benchmark tasks: real data that needs no download, and their nets.
+
+A task fixes the data, the network, the batch size, the training length, the
+evaluation cadence and the target accuracies; every optimizer runs it the
+same way. `validation_split` carves the held-out split on which the
+learning-rate sweep chooses, so the test split is only used for the final
+seeded runs.
+"""
+
+import dataclasses
+from collections.abc import Callable
+
+import flax.linen as nn
+
+from examples.compare import input_pipeline
+from examples.compare import models
+
+
+class ConvBase1D(nn.Module):
+  """MNIST-1D's ConvBase (Greydanus 2020): three 25-channel convs, stride 2.
+
+  The 1-D convolutions are written as 2-D convolutions over a height-1
+  image (kernel `(1, k)`), which is the same function with the same
+  parameter count: kfac-jax only recognises 2-D convolutions, and every
+  optimizer must see the same network.
+  """
+
+  channels: int = 25
+  num_classes: int = 10
+
+  @nn.compact
+  def __call__(self, x, train: bool = True):
+    del train  # no batch statistics
+    x = x[:, None]  # (B, L, C) -> (B, 1, L, C)
+    for i, width in enumerate((5, 3, 3)):
+      x = nn.Conv(
+        self.channels,
+        (1, width),
+        strides=(1, 2),
+        padding=((0, 0), (1, 1)),
+        name=f'conv{i}',
+      )(x)
+      x = nn.relu(x)
+    return nn.Dense(self.num_classes, name='head')(x.reshape(len(x), -1))
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+  """One benchmark task.
+
+  Attributes:
+    name: registry key.
+    description: one line for the report.
+    dataset: `examples.compare.input_pipeline` dataset name.
+    make_model: `num_classes -> nn.Module`; the module's `__call__` takes
+      `(x, train)` and may keep `batch_stats`.
+    batch_size: training batch.
+    num_epochs: passes over the training split.
+    eval_every: steps between test evaluations (not counted in wall-clock).
+    targets: test accuracies whose first crossing is reported.
+    frog_exclude: module paths FROG leaves to its fallback (rank-deficient
+      heads: the sample size is smaller than their input width).
+  """
+
+  name: str
+  description: str
+  dataset: str
+  make_model: Callable[[int], nn.Module]
+  batch_size: int
+  num_epochs: int
+  eval_every: int
+  targets: tuple[float, ...]
+  frog_exclude: tuple[str, ...] = ('head',)
+
+  def load(self, data_path: str | None) -> input_pipeline.Dataset:
+    return input_pipeline.load(self.dataset, data_path)
+
+
+def validation_split(
+  data: input_pipeline.Dataset, fraction: float = 0.2
+) -> input_pipeline.Dataset:
+  """The training split's last `fraction` held out as the evaluation split.
+
+  The sweep chooses hyper-parameters on this; the test split stays unseen.
+  """
+  if not 0.0 < fraction < 1.0:
+    raise ValueError(f'fraction must be in (0, 1); got {fraction}.')
+  cut = int(round(len(data.y_train) * (1.0 - fraction)))
+  return input_pipeline.Dataset(
+    f'{data.name}-validation',
+    data.x_train[:cut],
+    data.y_train[:cut],
+    data.x_train[cut:],
+    data.y_train[cut:],
+  )
+
+
+def subsample(
+  data: input_pipeline.Dataset, num_train: int, num_test: int
+) -> input_pipeline.Dataset:
+  """The first examples of each split (the smoke suite's tiny data)."""
+  return dataclasses.replace(
+    data,
+    x_train=data.x_train[:num_train],
+    y_train=data.y_train[:num_train],
+    x_test=data.x_test[:num_test],
+    y_test=data.y_test[:num_test],
+  )
+
+
+TASKS = {
+  'mnist10k': Task(
+    name='mnist10k',
+    description=(
+      'MNIST-10k (8k train / 2k test), conv(16)-BN-relu, conv(32, s2)-BN-relu,'
+      ' conv(32, s2)-BN-relu, linear head on the flattened 7x7x32 map'
+    ),
+    dataset='mnist10k',
+    make_model=lambda n: models.ConvNet((16, 32, 32), n, pool=False),
+    batch_size=256,
+    num_epochs=10,
+    eval_every=10,
+    targets=(0.97, 0.98, 0.99),
+  ),
+  'mnist1d': Task(
+    name='mnist1d',
+    description=(
+      'MNIST-1D (8k train / 2k test, generated locally), ConvBase: three'
+      ' 25-channel stride-2 convs + linear head'
+    ),
+    dataset='mnist1d',
+    make_model=lambda n: ConvBase1D(num_classes=n),
+    batch_size=128,
+    num_epochs=40,
+    eval_every=50,
+    targets=(0.85, 0.90, 0.93),
+  ),
+  # The harness's own test: seconds on CPU, not a benchmark.
+  'smoke': Task(
+    name='smoke',
+    description='sklearn digits, 2 epochs of a 4-channel conv net (test only)',
+    dataset='digits',
+    make_model=lambda n: models.ConvNet((4, 4), n),
+    batch_size=32,
+    num_epochs=2,
+    eval_every=5,
+    targets=(0.3, 0.5),
+  ),
+}
+
+
+def get(name: str) -> Task:
+  if name not in TASKS:
+    raise ValueError(f'task must be one of {sorted(TASKS)}; got {name!r}.')
+  return TASKS[name]
