@@ -53,18 +53,17 @@ def classification_loss(apply_fn, register_loss: bool = False):
   return loss_fn
 
 
-def optax_trainer(
+def optax_step(
   model, tx: optax.GradientTransformation, sample_size: int | None = None
-) -> Trainer:
-  """A jitted step; `sample_size` set = FROG (capture and pass stats)."""
+):
+  """The un-jitted `(params, batch_stats, opt_state), x, y -> new, loss`.
+
+  `sample_size` set = FROG: the loss runs under `fo.linen.capture` and the
+  captured statistics go to `tx.update` as `frog_stats`.
+  """
   capture = sample_size is not None
   apply_fn = fo.linen.capture(model.apply) if capture else model.apply
   loss_fn = classification_loss(apply_fn)
-
-  def init(variables, key, x, y):
-    del key, x, y
-    params = variables['params']
-    return params, variables.get('batch_stats', {}), tx.init(params)
 
   def step(state, x, y):
     params, batch_stats, opt_state = state
@@ -82,9 +81,22 @@ def optax_trainer(
     params = optax.apply_updates(params, updates)
     return (params, batch_stats, opt_state), loss
 
+  return step
+
+
+def optax_trainer(
+  model, tx: optax.GradientTransformation, sample_size: int | None = None
+) -> Trainer:
+  """`optax_step` jitted with its state donated."""
+
+  def init(variables, key, x, y):
+    del key, x, y
+    params = variables['params']
+    return params, variables.get('batch_stats', {}), tx.init(params)
+
   return Trainer(
     init=init,
-    step=jax.jit(step, donate_argnums=0),
+    step=jax.jit(optax_step(model, tx, sample_size), donate_argnums=0),
     variables=lambda s: {'params': s[0], 'batch_stats': s[1]},
   )
 

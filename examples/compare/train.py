@@ -24,6 +24,7 @@ import optax
 from tqdm.auto import tqdm
 
 import frog_optax as fo
+from benchmarks import trainers
 from examples.compare import input_pipeline
 from examples.compare import models
 
@@ -55,39 +56,15 @@ def make_optimizer(
 
 
 def make_loss(model):
-  apply_fn = fo.linen.capture(model.apply)
-
-  def loss_fn(params, batch_stats, x, y):
-    logits, state = apply_fn(
-      {'params': params, 'batch_stats': batch_stats}, x, mutable=['batch_stats']
-    )
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-    return loss, state['batch_stats']
-
-  return loss_fn
+  """`(params, batch_stats, x, y) -> (loss, batch_stats)` under capture."""
+  return trainers.classification_loss(fo.linen.capture(model.apply))
 
 
 def make_train_step(model, tx, name: str, sample_size: int | None):
   """A jitted `(params, batch_stats, opt_state), x, y -> new, loss` step."""
-  loss_fn = make_loss(model)
-
-  def step(state, x, y):
-    params, batch_stats, opt_state = state
-    if name == 'frog':
-      (loss, batch_stats), grads, stats = fo.linen.value_and_grad(
-        loss_fn, sample_size=sample_size, has_aux=True
-      )(params, batch_stats, x, y)
-      extra = {'frog_stats': stats}
-    else:
-      (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        params, batch_stats, x, y
-      )
-      extra = {}
-    updates, opt_state = tx.update(grads, opt_state, params, **extra)
-    params = optax.apply_updates(params, updates)
-    return (params, batch_stats, opt_state), loss
-
-  return jax.jit(step)
+  return jax.jit(
+    trainers.optax_step(model, tx, sample_size if name == 'frog' else None)
+  )
 
 
 def make_eval(model):
