@@ -22,7 +22,9 @@ takes tens of seconds on 2 cores. On a GPU pass
 """
 
 import argparse
+import functools
 import json
+import operator
 import os
 
 import jax
@@ -37,6 +39,7 @@ from examples.cifar10 import models as cifar_models
 from examples.compare import models as compare_models
 from examples.compare import train as compare_train
 from frog_optax._src import fisher
+from frog_optax._src import stats as stats_lib
 from frog_optax._src import transform
 
 NETS = {
@@ -123,21 +126,6 @@ def layer_pieces(layer_stats, grads, cg_iters):
   }
 
 
-def _stats_leaves(tree, prefix=()):
-  """(path, LayerStats) of every captured layer of a stats tree."""
-  if isinstance(tree, fo.LayerStats):
-    yield prefix, tree
-  elif isinstance(tree, dict):
-    for k, v in tree.items():
-      yield from _stats_leaves(v, prefix + (k,))
-
-
-def _get(tree, path):
-  for k in path:
-    tree = tree[k]
-  return tree
-
-
 def breakdown(model, variables, x, y, batch, sample_size, cg_iters, rounds):
   """Capture cost and FROG's pieces (seconds per step, all layers)."""
   capture_only = frog_tx(
@@ -155,12 +143,13 @@ def breakdown(model, variables, x, y, batch, sample_size, cg_iters, rounds):
   (_, _), grads, stats = jax.jit(
     fo.linen.value_and_grad(loss_fn, sample_size=sample_size, has_aux=True)
   )(variables['params'], variables['batch_stats'], x, y)
+  by_path = stats_lib.stats_by_path(stats)
   totals = {}
-  for path, layer_stats in _stats_leaves(stats):
-    if path[0] == 'head':
-      continue
+  # The layers FROG preconditions (the head is excluded, as in frog_tx).
+  for name in transform.preconditioned_modules(variables['params'], ('head',)):
+    layer_grads = functools.reduce(operator.getitem, name.split('/'), grads)
     times = compare_train.interleaved(
-      layer_pieces(layer_stats, _get(grads, path), cg_iters), rounds
+      layer_pieces(by_path[name], layer_grads, cg_iters), rounds
     )
     for k, v in times.items():
       totals[k] = totals.get(k, 0.0) + v
