@@ -39,8 +39,8 @@ from examples.cifar10 import models as cifar_models
 from examples.compare import models as compare_models
 from examples.compare import train as compare_train
 from frog_optax._src import fisher
+from frog_optax._src import routing
 from frog_optax._src import stats as stats_lib
-from frog_optax._src import transform
 
 NETS = {
   'resnet18': ('CIFAR ResNet-18', cifar_models.ResNet18, (32, 32, 3)),
@@ -132,7 +132,7 @@ def breakdown(model, variables, x, y, batch, sample_size, cg_iters, rounds):
     cg_iters,
     fallback=optax.sgd(0.01, 0.9),
     # Every layer on the fallback: the capture runs, nothing is solved.
-    exclude=tuple(transform.preconditioned_modules(variables['params'])),
+    exclude=tuple(routing.preconditioned_modules(variables['params'])),
   )
   runs = {
     'sgd': _run(model, variables, optax.sgd(0.01, 0.9), None, x, y),
@@ -146,7 +146,7 @@ def breakdown(model, variables, x, y, batch, sample_size, cg_iters, rounds):
   by_path = stats_lib.stats_by_path(stats)
   totals = {}
   # The layers FROG preconditions (the head is excluded, as in frog_tx).
-  for name in transform.preconditioned_modules(variables['params'], ('head',)):
+  for name in routing.preconditioned_modules(variables['params'], ('head',)):
     layer_grads = functools.reduce(operator.getitem, name.split('/'), grads)
     times = compare_train.interleaved(
       layer_pieces(by_path[name], layer_grads, cg_iters), rounds

@@ -5,8 +5,8 @@ from typing import Any
 import numpy as np
 
 from frog_optax._src import fisher
+from frog_optax._src import routing
 from frog_optax._src import stats as stats_lib
-from frog_optax._src import transform
 
 
 def describe_rows(
@@ -18,11 +18,11 @@ def describe_rows(
   when it is below D the row Fisher is rank-deficient and damping alone
   bounds the step in the unseen directions.
   """
-  chosen = set(transform.preconditioned_modules(params, exclude))
-  candidates = set(transform.preconditioned_modules(params))
+  chosen = set(routing.preconditioned_modules(params, exclude))
+  candidates = set(routing.preconditioned_modules(params))
   by_path = stats_lib.stats_by_path(stats)
   rows = []
-  for module, leaves in sorted(transform.module_leaves(params).items()):
+  for module, leaves in sorted(routing.module_leaves(params).items()):
     entry = {
       'module': module or '/',
       'parameters': ', '.join(

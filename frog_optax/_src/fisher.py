@@ -1,4 +1,4 @@
-"""Per-layer linear maps and the row-wise, trace-normalised Fisher operator.
+"""Per-layer linear maps, their statistics, and the row-wise Fisher operator.
 
 For one layer, `X(V)` maps row-stacked weights `V = {'kernel', 'bias'}` to the
 pre-activation outputs of the sampled examples, and `Xᵀ(G)` is its transpose
@@ -8,7 +8,10 @@ pre-activation outputs of the sampled examples, and `Xᵀ(G)` is its transpose
   Λ̂[..., j] = y_j² · D / Σ_{n,t} y²_{n,t,j} ‖x_{n,t}‖²
 
 applies every row's damped, trace-normalised Fisher `F_j / (tr F_j / D) + τ I`
-in one forward and one transposed layer op (ALGORITHM.md §2-3).
+in one forward and one transposed layer op (ALGORITHM.md §2-3). The other
+members of the family use the same maps with other weights (a scalar for
+`XᵀX`), the diagonals `diag(XᵀX)` and `diag(YᵀY)`, or, for the explicit
+solvers, the design matrix itself.
 """
 
 from collections.abc import Callable
@@ -121,11 +124,137 @@ def row_dimension(params: RowParams) -> int:
   return int(np.prod(params['kernel'].shape[:-1])) + ('bias' in params)
 
 
+def input_patches(
+  geometry: stats_lib.LayerGeometry,
+  inputs: jax.Array,
+  kernel_shape: tuple[int, ...],
+  has_bias: bool,
+) -> jax.Array:
+  """The explicit design matrix of each feature group: `(groups, n·t, D)`.
+
+  Column `i` holds the input entry that multiplies `kernel[..., j]`
+  flattened at `i` (C order over all but the last axis), for every row `j`
+  of the group; the bias coordinate, when present, is a last column of ones.
+  A convolution with an identity kernel extracts the patches, so strides,
+  padding and dilation are the layer's own. Memory is `n·t·D` per group: for
+  the explicit solvers on small layers only.
+  """
+  if isinstance(geometry, stats_lib.DenseGeometry):
+    patches = inputs.reshape(1, -1, inputs.shape[-1])
+  else:
+    groups = geometry.feature_group_count
+    row_size = int(np.prod(kernel_shape[:-1]))
+    eye = jnp.eye(row_size, dtype=inputs.dtype).reshape(
+      tuple(kernel_shape[:-1]) + (row_size,)
+    )
+    # Block g of the output channels sees the input channels of group g.
+    out = _conv(
+      geometry, inputs, jnp.tile(eye, (1,) * (eye.ndim - 1) + (groups,))
+    )
+    patches = jnp.moveaxis(out.reshape(-1, groups, row_size), 1, 0)
+  if has_bias:
+    ones = jnp.ones(patches.shape[:-1] + (1,), patches.dtype)
+    patches = jnp.concatenate([patches, ones], axis=-1)
+  return patches
+
+
+def input_sq_sums(
+  layer_stats: stats_lib.LayerStats, params_like: RowParams, dtype: Any
+) -> RowParams:
+  """diag(XᵀX) of every row, shaped like the parameters.
+
+  Entry `[..., j]` is Σ_{n,t} x² over the inputs that multiply it (the bias
+  entry counts the (example, location) pairs): one weight-gradient
+  convolution of the squared inputs against all-ones output cotangents.
+  """
+  geometry = layer_stats.geometry
+  sq = jnp.square(layer_stats.inputs.astype(dtype))
+  struct = {
+    k: jax.ShapeDtypeStruct(v.shape, dtype) for k, v in params_like.items()
+  }
+  ones = jnp.ones(layer_stats.output_grads.shape, dtype)
+  return layer_transpose(geometry, sq, struct)(ones)
+
+
+def output_sq_sums(layer_stats: stats_lib.LayerStats, dtype: Any) -> jax.Array:
+  """diag(YᵀY): Σ_{n,t} y²_{n,t,j} per row, shape `(rows,)`."""
+  dy = layer_stats.output_grads.astype(dtype)
+  return jnp.square(dy).reshape(-1, dy.shape[-1]).sum(axis=0)
+
+
+def weighted_gram_operator(
+  layer_stats: stats_lib.LayerStats,
+  params_like: RowParams,
+  weights: jax.Array | float,
+  damping: Any,
+  dtype: Any,
+) -> Callable[[RowParams], RowParams]:
+  """`V ↦ Xᵀ(weights ⊙ X(V)) + damping·V` on all rows at once.
+
+  `weights` broadcasts against the layer outputs: a scalar gives the
+  row-independent `XᵀX` (FOOF, K-FROG), an output-shaped array gives each
+  row its own weighting of the samples (FROG's row Fishers).
+  """
+  geometry = layer_stats.geometry
+  inputs = layer_stats.inputs.astype(dtype)
+  params_struct = {
+    k: jax.ShapeDtypeStruct(v.shape, dtype) for k, v in params_like.items()
+  }
+  transpose = layer_transpose(geometry, inputs, params_struct)
+
+  def matvec(v: RowParams) -> RowParams:
+    gram_v = transpose(weights * layer_forward(geometry, inputs, v))
+    return {k: gram_v[k] + damping * v[k] for k in v}
+
+  return matvec
+
+
+ROW_BLOCKS = ('exact', 'kronecker')
+
+
+def row_curvature(
+  layer_stats: stats_lib.LayerStats,
+  params_like: RowParams,
+  dtype: Any,
+  *,
+  trace_normalization: bool = True,
+  row_blocks: str = 'exact',
+) -> jax.Array:
+  """Per-sample weights Λ of the row Fishers `F_j = Xᵀ diag(Λ_{·,j}) X`.
+
+  `'exact'` row blocks weight sample (n, t) of row j by y²_{n,t,j}/s;
+  `'kronecker'` replaces y² by its mean over the samples (K-FAC's block
+  `S_jj·A`). With `trace_normalization` the weights are divided by
+  `tr(F_j)/D`, so each row Fisher has mean eigenvalue 1.
+  """
+  output_grads = layer_stats.output_grads.astype(dtype)
+  num_rows = output_grads.shape[-1]
+  dy_sq = jnp.square(output_grads)
+  if row_blocks == 'kronecker':
+    mean = dy_sq.reshape(-1, num_rows).mean(axis=0)
+    dy_sq = jnp.broadcast_to(mean, dy_sq.shape)
+  if not trace_normalization:
+    return dy_sq / layer_stats.inputs.shape[0]
+  norms = patch_sq_norms(
+    layer_stats.geometry,
+    layer_stats.inputs.astype(dtype),
+    params_like['kernel'].shape,
+    'bias' in params_like,
+  )
+  weighted = (dy_sq * norms).reshape(-1, num_rows).sum(axis=0)
+  # tr(F_j)/D up to the common 1/s, which cancels here.
+  trace_per_dim = weighted / row_dimension(params_like)
+  return dy_sq / jnp.maximum(trace_per_dim, jnp.finfo(dtype).tiny)
+
+
 def row_fisher_operator(
   layer_stats: stats_lib.LayerStats,
   params_like: RowParams,
   damping: Any,
   dtype: Any,
+  *,
+  trace_normalization: bool = True,
+  row_blocks: str = 'exact',
 ) -> Callable[[RowParams], RowParams]:
   """The damped, trace-normalised row-wise Fisher `A(V)` of one layer.
 
@@ -134,30 +263,43 @@ def row_fisher_operator(
     params_like: the layer's `{'kernel', 'bias'?}` (shapes only are used).
     damping: τ, relative to the mean Fisher eigenvalue (a scalar).
     dtype: the solve dtype; statistics are cast to it.
+    trace_normalization: divide each row Fisher by `tr(F_j)/D` (FROG);
+      `False` is an ablation (τ is then absolute).
+    row_blocks: `'exact'` (FROG) or `'kronecker'` (the ablation `S_jj·A`).
 
   Returns:
     A linear function on `{'kernel', 'bias'?}` dicts of the same shapes.
   """
-  geometry = layer_stats.geometry
-  inputs = layer_stats.inputs.astype(dtype)
-  output_grads = layer_stats.output_grads.astype(dtype)
+  weights = row_curvature(
+    layer_stats,
+    params_like,
+    dtype,
+    trace_normalization=trace_normalization,
+    row_blocks=row_blocks,
+  )
+  return weighted_gram_operator(
+    layer_stats, params_like, weights, damping, dtype
+  )
+
+
+def row_fisher_matrices(
+  layer_stats: stats_lib.LayerStats,
+  params_like: RowParams,
+  dtype: Any,
+  **curvature_options: Any,
+) -> jax.Array:
+  """The undamped row Fishers of `row_fisher_operator` as `(rows, D, D)`."""
+  weights = row_curvature(layer_stats, params_like, dtype, **curvature_options)
   kernel_shape = params_like['kernel'].shape
-  has_bias = 'bias' in params_like
+  patches = input_patches(
+    layer_stats.geometry,
+    layer_stats.inputs.astype(dtype),
+    kernel_shape,
+    'bias' in params_like,
+  )
+  groups, _, row_size = patches.shape
   num_rows = kernel_shape[-1]
-  params_struct = {
-    k: jax.ShapeDtypeStruct(v.shape, dtype) for k, v in params_like.items()
-  }
-  dy_sq = jnp.square(output_grads)
-  norms = patch_sq_norms(geometry, inputs, kernel_shape, has_bias)
-  weighted = (dy_sq * norms).reshape(-1, num_rows).sum(axis=0)
-  # tr(F_j)/D up to the common 1/s, which cancels in Λ̂.
-  trace_per_dim = weighted / row_dimension(params_like)
-  tiny = jnp.finfo(dtype).tiny
-  curvature = dy_sq / jnp.maximum(trace_per_dim, tiny)
-  transpose = layer_transpose(geometry, inputs, params_struct)
-
-  def matvec(v: RowParams) -> RowParams:
-    fisher_v = transpose(curvature * layer_forward(geometry, inputs, v))
-    return {k: fisher_v[k] + damping * v[k] for k in v}
-
-  return matvec
+  weights = jnp.broadcast_to(weights, layer_stats.output_grads.shape)
+  weights = weights.reshape(-1, groups, num_rows // groups)
+  blocks = jnp.einsum('gtd,tgr,gte->grde', patches, weights, patches)
+  return blocks.reshape(num_rows, row_size, row_size)

@@ -1,101 +1,32 @@
-"""`scale_by_frog`, the `frog` alias, and routing of parameters to a fallback.
+"""FROG: `precondition_layer`, `scale_by_frog` and the `frog` alias.
 
-Which parameters FROG preconditions is decided from the parameter tree alone
-(so `init` knows it): every module dict that holds exactly a `kernel` of rank
->= 2 and optionally a 1-D `bias` (Flax `Dense` and `Conv`), unless its path is
-excluded. Everything else goes to the fallback transformation.
+FROG is one member of the family built on `family.scale_by_row_preconditioner`
+(routing, stats checks and state are shared); this module holds only its
+per-layer rule, its ablation switches, and the optimizer alias.
 """
 
 import warnings
 from collections.abc import Sequence
 from typing import Any
-from typing import NamedTuple
 
-import chex
 import jax
-import jax.numpy as jnp
-import numpy as np
 import optax
 
 from frog_optax._src import cg as cg_lib
+from frog_optax._src import dense_rows
+from frog_optax._src import family
 from frog_optax._src import fisher
+from frog_optax._src import routing
 from frog_optax._src import stats as stats_lib
 from frog_optax._src import validation
 
-PRECONDITIONED = 'frog'
-FALLBACK = 'fallback'
-_MISSING = object()
+# Re-exported: FROG's routing is the family's.
+module_leaves = routing.module_leaves
+preconditioned_modules = routing.preconditioned_modules
+frog_param_labels = routing.frog_param_labels
+ScaleByFrogState = family.RowPreconditionerState
 
-
-def module_leaves(tree: Any) -> dict[str, dict[str, Any]]:
-  """Groups the leaves of a tree by parent path: `{module: {name: leaf}}`."""
-  modules: dict[str, dict[str, Any]] = {}
-  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-    parent = stats_lib.path_name(path[:-1])
-    modules.setdefault(parent, {})[stats_lib.key_name(path[-1])] = leaf
-  return modules
-
-
-def _is_row_layer(leaves: dict[str, Any]) -> bool:
-  """A Dense/Conv-like module: a kernel of rank >= 2 and maybe a 1-D bias."""
-  if set(leaves) not in ({'kernel'}, {'kernel', 'bias'}):
-    return False
-  kernel = leaves['kernel']
-  if getattr(kernel, 'ndim', 0) < 2:
-    return False
-  bias = leaves.get('bias')
-  return bias is None or (getattr(bias, 'shape', None) == (kernel.shape[-1],))
-
-
-def _is_excluded(module: str, exclude: Sequence[str]) -> bool:
-  return any(module == e or module.startswith(e + '/') for e in exclude)
-
-
-def _row_layers(modules: dict[str, dict[str, Any]]) -> list[str]:
-  return sorted(m for m, leaves in modules.items() if _is_row_layer(leaves))
-
-
-def preconditioned_modules(
-  params: Any, exclude: Sequence[str] = ()
-) -> list[str]:
-  """The '/'-joined paths of the modules FROG preconditions in `params`.
-
-  Args:
-    params: a parameter tree.
-    exclude: module paths (or path prefixes) routed to the fallback instead.
-
-  Returns:
-    Sorted module paths.
-
-  Raises:
-    ValueError: when an `exclude` entry matches no preconditionable module.
-  """
-  exclude = validation.normalize_paths('exclude', exclude)
-  candidates = _row_layers(module_leaves(params))
-  unmatched = [
-    e for e in exclude if not any(_is_excluded(m, (e,)) for m in candidates)
-  ]
-  if unmatched:
-    raise ValueError(
-      f'exclude entries {unmatched} match no Dense/Conv module; modules'
-      f' that can be excluded: {candidates[:20]}'
-      + (' ...' if len(candidates) > 20 else '')
-    )
-  return [m for m in candidates if not _is_excluded(m, exclude)]
-
-
-def frog_param_labels(params: Any, exclude: Sequence[str] = ()) -> Any:
-  """Labels every leaf `'frog'` (preconditioned) or `'fallback'`.
-
-  Suitable for `optax.partition`.
-  """
-  chosen = set(preconditioned_modules(params, exclude))
-  return jax.tree_util.tree_map_with_path(
-    lambda path, _: (
-      PRECONDITIONED if stats_lib.path_name(path[:-1]) in chosen else FALLBACK
-    ),
-    params,
-  )
+SOLVERS = ('cg', 'cholesky')
 
 
 def precondition_layer(
@@ -105,6 +36,10 @@ def precondition_layer(
   damping: Any,
   cg_iters: int | jax.Array,
   eps: Any,
+  solver: str = 'cg',
+  trace_normalization: bool = True,
+  step_normalization: bool = True,
+  row_blocks: str = 'exact',
 ) -> dict[str, jax.Array]:
   """FROG's per-row update `u_j = z_j / sqrt(⟨z_j, m_j⟩ + ε)` for one layer.
 
@@ -112,21 +47,43 @@ def precondition_layer(
     layer_stats: the layer's captured statistics.
     direction: `{'kernel', 'bias'?}`, the momentum `m` to precondition.
     damping: τ (a scalar).
-    cg_iters: number of CG iterations k.
+    cg_iters: number of CG iterations k (`solver='cg'` only).
     eps: ε in the step normalisation.
+    solver: `'cg'` (k batched CG iterations, FROG) or `'cholesky'` (the
+      exact per-row solve; ablation, `rows·D²` memory).
+    trace_normalization: divide each row Fisher by `tr(F_j)/D` (FROG).
+    step_normalization: divide by `sqrt(⟨z_j, m_j⟩ + ε)` (FROG); `False`
+      returns `z` itself.
+    row_blocks: `'exact'` row Fishers (FROG) or `'kronecker'` blocks
+      `S_jj·A` (ablation: K-FAC's approximation of the same blocks).
 
   Returns:
     `u` with the structure and dtypes of `direction`.
   """
-  solve_dtype = jnp.promote_types(direction['kernel'].dtype, jnp.float32)
-  m = {k: v.astype(solve_dtype) for k, v in direction.items()}
-  matvec = fisher.row_fisher_operator(layer_stats, m, damping, solve_dtype)
-  z = cg_lib.batched_cg(matvec, m, cg_iters, fisher.row_inner)
-  # ⟨z, m⟩ > 0 in exact arithmetic (CG iterates of a PSD system); clip the
-  # rounding so that the square root stays real.
-  zm = jnp.maximum(fisher.row_inner(z, m), 0.0)
-  scale = jax.lax.rsqrt(zm + eps)
-  return {k: (z[k] * scale).astype(direction[k].dtype) for k in direction}
+  dtype = family.solve_dtype(direction)
+  m = {k: v.astype(dtype) for k, v in direction.items()}
+  curvature = dict(
+    trace_normalization=trace_normalization, row_blocks=row_blocks
+  )
+  if solver == 'cholesky':
+    fishers = fisher.row_fisher_matrices(layer_stats, m, dtype, **curvature)
+    factors = dense_rows.damped_cholesky(fishers, damping)
+    rhs = dense_rows.to_matrix(m)[:, :, None]
+    z = dense_rows.from_matrix(
+      dense_rows.cholesky_solve(factors, rhs)[:, :, 0], m
+    )
+  else:
+    matvec = fisher.row_fisher_operator(
+      layer_stats, m, damping, dtype, **curvature
+    )
+    z = cg_lib.batched_cg(matvec, m, cg_iters, fisher.row_inner)
+  if step_normalization:
+    # ⟨z, m⟩ > 0 in exact arithmetic (CG iterates of a PSD system); clip the
+    # rounding so that the square root stays real.
+    zm = jax.numpy.maximum(fisher.row_inner(z, m), 0.0)
+    scale = jax.lax.rsqrt(zm + eps)
+    z = {k: v * scale for k, v in z.items()}
+  return {k: z[k].astype(direction[k].dtype) for k in direction}
 
 
 class RankDeficientFisherWarning(UserWarning):
@@ -161,27 +118,16 @@ def _warn_if_rank_deficient(name, layer_stats, leaves, damping):
     )
 
 
-def _check_layer_shapes(name, layer_stats, leaves):
-  kernel = leaves['kernel']
-  rows = layer_stats.output_grads.shape[-1]
-  if rows != kernel.shape[-1]:
-    raise ValueError(
-      f'frog_stats for {name!r} has {rows} output rows but its kernel has'
-      f' shape {kernel.shape}: the stats do not belong to these parameters.'
-    )
-
-
-class ScaleByFrogState(NamedTuple):
-  """State of `scale_by_frog`."""
-
-  count: chex.Array  # shape=(), dtype=jnp.int32; for damping schedules.
-
-
 def scale_by_frog(
   damping: optax.ScalarOrSchedule = 1e-3,
   cg_iters: int = 4,
   eps: float = 1e-10,
   exclude: str | Sequence[str] = (),
+  *,
+  solver: str = 'cg',
+  trace_normalization: bool = True,
+  step_normalization: bool = True,
+  row_blocks: str = 'exact',
 ) -> optax.GradientTransformationExtraArgs:
   r"""Row-wise Fisher preconditioning with batched conjugate gradient.
 
@@ -201,13 +147,25 @@ def scale_by_frog(
   :func:`preconditioned_modules`) or that are excluded pass through unchanged;
   a preconditioned module without stats is an error.
 
+  The keyword-only switches are ablations for benchmarks; their defaults are
+  FROG.
+
   Args:
     damping: τ, relative to the mean eigenvalue of the normalised Fisher
       (which is 1). A float or an optax schedule of the step count. Default
       1e-3 (the reference's 1e-6 suits full-rank conv rows only).
-    cg_iters: number of CG iterations k (3-5 recommended).
+    cg_iters: number of CG iterations k (3-5 recommended); used by
+      `solver='cg'` only.
     eps: ε guarding the step normalisation; must be > 0.
     exclude: module paths ('/'-joined) not to precondition.
+    solver: `'cg'` or `'cholesky'` (exact per-row solve, `rows·D²` memory:
+      small layers only).
+    trace_normalization: `False` drops the `tr(F_j)/D` normalisation, so τ
+      becomes absolute and `F_j = Σ y² x xᵀ / N` (N = leading axis of the
+      captured inputs).
+    step_normalization: `False` returns `z` instead of `z/√⟨z, g⟩`.
+    row_blocks: `'kronecker'` replaces each row's `y²` weights by their
+      mean, giving K-FAC's block `S_jj·A` instead of the exact row Fisher.
 
   Returns:
     An `optax.GradientTransformationExtraArgs` whose `update` requires the
@@ -225,101 +183,36 @@ def scale_by_frog(
     (3, 2)
   """
   validation.check_range('damping', damping, low=0.0, allow_schedule=True)
-  validation.check_positive_int('cg_iters', cg_iters)
-  if not isinstance(cg_iters, (int, np.integer)) and not isinstance(
-    cg_iters, jax.core.Tracer
-  ):
-    # Only concrete arrays warn (e.g. inject_hyperparams' init), not every
-    # traced update.
-    warnings.warn(
-      'cg_iters is an array, so the CG runs as a fori_loop, which XLA:CPU'
-      ' executes several times slower than the unrolled loop of a Python int.'
-      " With optax.inject_hyperparams pass static_args=('cg_iters',).",
-      stacklevel=2,
-    )
+  validation.check_cg_iters(cg_iters)
   validation.check_range('eps', eps, low=0.0, low_inclusive=False)
+  validation.check_choice('solver', solver, SOLVERS)
+  validation.check_bool('trace_normalization', trace_normalization)
+  validation.check_bool('step_normalization', step_normalization)
+  validation.check_choice('row_blocks', row_blocks, fisher.ROW_BLOCKS)
   exclude = validation.normalize_paths('exclude', exclude)
 
-  def init_fn(params):
-    preconditioned_modules(params, exclude)  # validates `exclude` early
-    return ScaleByFrogState(count=jnp.zeros([], jnp.int32))
+  def update_layer(name, layer_stats, direction, state, count):
+    _warn_if_rank_deficient(name, layer_stats, direction, damping)
+    u = precondition_layer(
+      layer_stats,
+      direction,
+      damping=family.schedule_value(damping, count),
+      cg_iters=cg_iters,
+      eps=eps,
+      solver=solver,
+      trace_normalization=trace_normalization,
+      step_normalization=step_normalization,
+      row_blocks=row_blocks,
+    )
+    return u, state
 
-  def update_fn(updates, state, params=None, *, frog_stats=_MISSING, **extra):
-    del params, extra
-    modules = module_leaves(updates)
-    chosen = [m for m in _row_layers(modules) if not _is_excluded(m, exclude)]
-    if frog_stats is _MISSING:
-      raise ValueError(
-        'FROG needs the keyword argument frog_stats (from'
-        ' frog_optax.linen.value_and_grad) to precondition'
-        f' {[m + "/kernel" for m in chosen][:10]}.'
-      )
-    by_path = stats_lib.stats_by_path(frog_stats)
-    missing = [m for m in chosen if m not in by_path]
-    if missing:
-      raise ValueError(
-        'frog_stats has no LayerStats for the preconditioned parameters'
-        f' {[m + "/kernel" for m in missing]}. Capture these layers with'
-        ' frog_optax.linen.capture, or route them to the fallback with'
-        f' exclude={tuple(missing)!r}.'
-      )
-    tau = damping(state.count) if callable(damping) else damping
-    new_leaves = {}
-    for m in chosen:
-      _check_layer_shapes(m, by_path[m], modules[m])
-      _warn_if_rank_deficient(m, by_path[m], modules[m], damping)
-      new_leaves[m] = precondition_layer(
-        by_path[m], modules[m], damping=tau, cg_iters=cg_iters, eps=eps
-      )
-
-    def replace(path, leaf):
-      module = stats_lib.path_name(path[:-1])
-      if module in new_leaves:
-        return new_leaves[module][stats_lib.key_name(path[-1])]
-      return leaf
-
-    updates = jax.tree_util.tree_map_with_path(replace, updates)
-    return updates, ScaleByFrogState(count=optax.safe_increment(state.count))
-
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
-
-def _scaled(learning_rate: optax.ScalarOrSchedule, ratio: Any):
-  if callable(learning_rate):
-    return lambda count: learning_rate(count) * ratio
-  return learning_rate * ratio
-
-
-def reference_fallback(
-  learning_rate: optax.ScalarOrSchedule,
-  *,
-  momentum: Any = 0.9,
-  nesterov: bool = False,
-  weight_decay: Any = 0.0,
-  weight_decay_mask: Any = None,
-  mu_dtype: Any = None,
-) -> optax.GradientTransformation:
-  """The reference FROG's rule for other parameters: momentum SGD.
-
-  Coupled weight decay (`wd·θ` added to the gradient before momentum), as in
-  `torch.optim.SGD`.
-  """
-  return optax.chain(
-    optax.add_decayed_weights(weight_decay, weight_decay_mask),
-    optax.trace(decay=momentum, nesterov=nesterov, accumulator_dtype=mu_dtype),
-    optax.scale_by_learning_rate(learning_rate),
+  return family.scale_by_row_preconditioner(
+    family.LayerPreconditioner(init=lambda leaves: None, update=update_layer),
+    exclude,
   )
 
 
-def _cast_to_param_dtypes() -> optax.GradientTransformation:
-  """Returns updates in the parameter dtypes (momentum may be wider)."""
-
-  def update_fn(updates, state, params=None):
-    if params is None:
-      return updates, state
-    return jax.tree.map(lambda u, p: u.astype(p.dtype), updates, params), state
-
-  return optax.GradientTransformation(lambda _: optax.EmptyState(), update_fn)
+reference_fallback = family.reference_fallback
 
 
 def frog(
@@ -336,6 +229,10 @@ def frog(
   other_lr_ratio: float | None = None,
   eps: float = 1e-10,
   mu_dtype: Any = None,
+  solver: str = 'cg',
+  trace_normalization: bool = True,
+  step_normalization: bool = True,
+  row_blocks: str = 'exact',
 ) -> optax.GradientTransformationExtraArgs:
   r"""FROG: Fisher row-wise preconditioning (Breskanu), as an optax optimizer.
 
@@ -380,6 +277,11 @@ def frog(
     eps: ε > 0 in the step normalisation.
     mu_dtype: dtype of the momentum buffers (default: the parameter dtype);
       updates are returned in the parameter dtypes either way.
+    solver: `'cg'` (FROG) or `'cholesky'` (ablation: exact per-row solve).
+    trace_normalization: ablation switch, see :func:`scale_by_frog`.
+    step_normalization: ablation switch, see :func:`scale_by_frog`.
+    row_blocks: `'exact'` (FROG) or `'kronecker'` (ablation), see
+      :func:`scale_by_frog`.
 
   Returns:
     An `optax.GradientTransformationExtraArgs`; `update` requires the keyword
@@ -408,50 +310,26 @@ def frog(
     Breskanu, FROG: Fisher ROw-wise preconditioninG,
     https://github.com/Fullfix/frog-optimizer
   """
-  validation.check_range(
-    'learning_rate', learning_rate, low=0.0, allow_schedule=True
-  )
-  validation.check_range(
-    'momentum', momentum, low=0.0, high=1.0, high_inclusive=False
-  )
-  validation.check_range('weight_decay', weight_decay, low=0.0)
-  if not isinstance(nesterov, bool):
-    raise ValueError(f'nesterov must be a bool; got {nesterov!r}.')
-  if fallback is not None:
-    if other_lr_ratio is not None:
-      raise ValueError(
-        'other_lr_ratio only configures the default fallback; set the'
-        ' learning rate of your own fallback transformation instead.'
-      )
-    if not isinstance(fallback, optax.GradientTransformation):
-      raise ValueError(
-        f'fallback must be an optax.GradientTransformation; got {fallback!r}.'
-      )
-  else:
-    other_lr_ratio = 0.25 if other_lr_ratio is None else other_lr_ratio
-    validation.check_range('other_lr_ratio', other_lr_ratio, low=0.0)
-    fallback = reference_fallback(
-      _scaled(learning_rate, other_lr_ratio),
-      momentum=momentum,
-      nesterov=nesterov,
-      weight_decay=weight_decay,
-      weight_decay_mask=weight_decay_mask,
-      mu_dtype=mu_dtype,
-    )
-  exclude = validation.normalize_paths('exclude', exclude)
-
-  preconditioned = optax.chain(
-    optax.trace(decay=momentum, nesterov=nesterov, accumulator_dtype=mu_dtype),
-    # `exclude` is applied by the labels below: excluded layers never
-    # reach this branch.
-    scale_by_frog(damping=damping, cg_iters=cg_iters, eps=eps),
-    optax.add_decayed_weights(weight_decay, weight_decay_mask),
-    optax.scale_by_learning_rate(learning_rate),
-  )
-  return optax.chain(
-    optax.partition(
-      {PRECONDITIONED: preconditioned, FALLBACK: fallback},
-      lambda params: frog_param_labels(params, exclude),
+  # `exclude` is applied by the routing: excluded layers never reach
+  # scale_by_frog.
+  return family.heavy_ball_optimizer(
+    scale_by_frog(
+      damping=damping,
+      cg_iters=cg_iters,
+      eps=eps,
+      solver=solver,
+      trace_normalization=trace_normalization,
+      step_normalization=step_normalization,
+      row_blocks=row_blocks,
     ),
-    _cast_to_param_dtypes(),
+    learning_rate,
+    momentum=momentum,
+    nesterov=nesterov,
+    weight_decay=weight_decay,
+    weight_decay_mask=weight_decay_mask,
+    exclude=exclude,
+    fallback=fallback,
+    other_lr_ratio=other_lr_ratio,
+    default_other_lr_ratio=0.25,
+    mu_dtype=mu_dtype,
   )

@@ -4,6 +4,7 @@ Values that are traced (for example inside `optax.inject_hyperparams`) or
 schedules cannot be checked here and pass through unchecked.
 """
 
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -88,3 +89,29 @@ def normalize_paths(name: str, paths: str | Sequence[str]) -> tuple[str, ...]:
         f" 'head' or 'block3/Dense_0'; got {p!r}."
       )
   return tuple(p.strip('/') for p in paths)
+
+
+def check_choice(name, value, choices):
+  if value not in choices:
+    raise ValueError(f'{name} must be one of {choices}; got {value!r}.')
+
+
+def check_bool(name, value):
+  if not isinstance(value, bool):
+    raise ValueError(f'{name} must be a bool; got {value!r}.')
+
+
+def check_cg_iters(cg_iters):
+  """A positive int; warns when it is a concrete array (slow fori_loop)."""
+  check_positive_int('cg_iters', cg_iters)
+  if not isinstance(cg_iters, (int, np.integer)) and not isinstance(
+    cg_iters, jax.core.Tracer
+  ):
+    # Only concrete arrays warn (e.g. inject_hyperparams' init), not every
+    # traced update.
+    warnings.warn(
+      'cg_iters is an array, so the CG runs as a fori_loop, which XLA:CPU'
+      ' executes several times slower than the unrolled loop of a Python int.'
+      " With optax.inject_hyperparams pass static_args=('cg_iters',).",
+      stacklevel=3,
+    )

@@ -1,0 +1,134 @@
+"""Which parameters a row preconditioner owns, and the fallback for the rest.
+
+The choice is made from the parameter tree alone (so `init` knows it): every
+module dict that holds exactly a `kernel` of rank >= 2 and optionally a 1-D
+`bias` (Flax `Dense` and `Conv`), unless its path is excluded. Every member
+of the family (FROG, K-FROG, FOOF, AdaFisher) routes the same way.
+"""
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import optax
+
+from frog_optax._src import stats as stats_lib
+from frog_optax._src import validation
+
+PRECONDITIONED = 'frog'
+FALLBACK = 'fallback'
+
+
+def module_leaves(tree: Any) -> dict[str, dict[str, Any]]:
+  """Groups the leaves of a tree by parent path: `{module: {name: leaf}}`."""
+  modules: dict[str, dict[str, Any]] = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    parent = stats_lib.path_name(path[:-1])
+    modules.setdefault(parent, {})[stats_lib.key_name(path[-1])] = leaf
+  return modules
+
+
+def _is_row_layer(leaves: dict[str, Any]) -> bool:
+  """A Dense/Conv-like module: a kernel of rank >= 2 and maybe a 1-D bias."""
+  if set(leaves) not in ({'kernel'}, {'kernel', 'bias'}):
+    return False
+  kernel = leaves['kernel']
+  if getattr(kernel, 'ndim', 0) < 2:
+    return False
+  bias = leaves.get('bias')
+  return bias is None or (getattr(bias, 'shape', None) == (kernel.shape[-1],))
+
+
+def is_excluded(module: str, exclude: Sequence[str]) -> bool:
+  return any(module == e or module.startswith(e + '/') for e in exclude)
+
+
+def row_layers(modules: dict[str, dict[str, Any]]) -> list[str]:
+  """The sorted paths of the Dense/Conv-like modules among `modules`."""
+  return sorted(m for m, leaves in modules.items() if _is_row_layer(leaves))
+
+
+def preconditioned_modules(
+  params: Any, exclude: Sequence[str] = ()
+) -> list[str]:
+  """The '/'-joined paths of the modules FROG preconditions in `params`.
+
+  Args:
+    params: a parameter tree.
+    exclude: module paths (or path prefixes) routed to the fallback instead.
+
+  Returns:
+    Sorted module paths.
+
+  Raises:
+    ValueError: when an `exclude` entry matches no preconditionable module.
+
+  Example:
+    >>> import jax.numpy as jnp, frog_optax as fo
+    >>> params = {'conv': {'kernel': jnp.ones((3, 3, 1, 2))},
+    ...           'norm': {'scale': jnp.ones(2)},
+    ...           'head': {'kernel': jnp.ones((2, 2)), 'bias': jnp.ones(2)}}
+    >>> fo.preconditioned_modules(params, exclude='head')
+    ['conv']
+  """
+  exclude = validation.normalize_paths('exclude', exclude)
+  candidates = row_layers(module_leaves(params))
+  unmatched = [
+    e for e in exclude if not any(is_excluded(m, (e,)) for m in candidates)
+  ]
+  if unmatched:
+    raise ValueError(
+      f'exclude entries {unmatched} match no Dense/Conv module; modules'
+      f' that can be excluded: {candidates[:20]}'
+      + (' ...' if len(candidates) > 20 else '')
+    )
+  return [m for m in candidates if not is_excluded(m, exclude)]
+
+
+def frog_param_labels(params: Any, exclude: Sequence[str] = ()) -> Any:
+  """Labels every leaf `'frog'` (preconditioned) or `'fallback'`.
+
+  Suitable for `optax.partition`; the same labels serve every member of the
+  family.
+  """
+  chosen = set(preconditioned_modules(params, exclude))
+  return jax.tree_util.tree_map_with_path(
+    lambda path, _: (
+      PRECONDITIONED if stats_lib.path_name(path[:-1]) in chosen else FALLBACK
+    ),
+    params,
+  )
+
+
+def _cast_to_param_dtypes() -> optax.GradientTransformation:
+  """Returns updates in the parameter dtypes (momentum may be wider)."""
+
+  def update_fn(updates, state, params=None):
+    if params is None:
+      return updates, state
+    return jax.tree.map(lambda u, p: u.astype(p.dtype), updates, params), state
+
+  return optax.GradientTransformation(lambda _: optax.EmptyState(), update_fn)
+
+
+def route(
+  preconditioned: optax.GradientTransformation,
+  fallback: optax.GradientTransformation,
+  exclude: Sequence[str],
+) -> optax.GradientTransformationExtraArgs:
+  """Sends preconditioned modules to one chain and the rest to `fallback`.
+
+  The result returns updates in the parameter dtypes. `exclude` is applied
+  here, so `preconditioned` never sees excluded layers.
+  """
+  if not isinstance(fallback, optax.GradientTransformation):
+    raise ValueError(
+      f'fallback must be an optax.GradientTransformation; got {fallback!r}.'
+    )
+  return optax.chain(
+    optax.partition(
+      {PRECONDITIONED: preconditioned, FALLBACK: fallback},
+      lambda params: frog_param_labels(params, exclude),
+    ),
+    _cast_to_param_dtypes(),
+  )
