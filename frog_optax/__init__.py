@@ -1,37 +1,61 @@
 """frog_optax: FROG (Fisher ROw-wise preconditioninG) for JAX/Optax/Flax."""
 
 from frog_optax import linen
+from frog_optax._src.adafisher import AdaFisherLayerState
+from frog_optax._src.adafisher import adafisher
+from frog_optax._src.adafisher import adafisherw
+from frog_optax._src.adafisher import scale_by_adafisher
 from frog_optax._src.cg import batched_cg
 from frog_optax._src.describe import describe
+from frog_optax._src.family import LayerPreconditioner
+from frog_optax._src.family import RowPreconditionerState
+from frog_optax._src.family import reference_fallback
+from frog_optax._src.family import scale_by_row_preconditioner
 from frog_optax._src.fisher import row_fisher_operator
+from frog_optax._src.foof import FoofLayerState
+from frog_optax._src.foof import foof
+from frog_optax._src.foof import scale_by_foof
+from frog_optax._src.kfrog import kfrog
+from frog_optax._src.kfrog import scale_by_kfrog
+from frog_optax._src.routing import frog_param_labels
+from frog_optax._src.routing import preconditioned_modules
 from frog_optax._src.stats import ConvGeometry
 from frog_optax._src.stats import DenseGeometry
 from frog_optax._src.stats import LayerStats
 from frog_optax._src.transform import RankDeficientFisherWarning
 from frog_optax._src.transform import ScaleByFrogState
 from frog_optax._src.transform import frog
-from frog_optax._src.transform import frog_param_labels
 from frog_optax._src.transform import precondition_layer
-from frog_optax._src.transform import preconditioned_modules
-from frog_optax._src.transform import reference_fallback
 from frog_optax._src.transform import scale_by_frog
 
 __version__ = '0.1.0'
 
 __all__ = (
+  'AdaFisherLayerState',
   'ConvGeometry',
   'DenseGeometry',
+  'FoofLayerState',
+  'LayerPreconditioner',
   'LayerStats',
   'RankDeficientFisherWarning',
+  'RowPreconditionerState',
   'ScaleByFrogState',
+  'adafisher',
+  'adafisherw',
   'batched_cg',
   'describe',
+  'foof',
   'frog',
   'frog_param_labels',
+  'kfrog',
   'linen',
   'precondition_layer',
   'preconditioned_modules',
   'reference_fallback',
   'row_fisher_operator',
+  'scale_by_adafisher',
+  'scale_by_foof',
   'scale_by_frog',
+  'scale_by_kfrog',
+  'scale_by_row_preconditioner',
 )

@@ -13,6 +13,7 @@ import frog_optax as fo
 
 import explicit
 import models
+import reference_loops
 from layer_cases import LAYERS
 from layer_cases import make_layer
 
@@ -20,106 +21,26 @@ from layer_cases import make_layer
 # The whole optimizer against a plain NumPy loop with explicit row Fishers.
 
 
-def reference_frog(
-  params,
-  grads_seq,
-  stats_seq,
-  *,
-  lr,
-  momentum,
-  nesterov,
-  wd,
-  damping,
-  k,
-  eps,
-  ratio,
-):
-  """FROG by hand: explicit F̂_j, textbook CG, SGD fallback for 'norm'."""
-  params = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
-  mom = jax.tree.map(np.zeros_like, params)
-  for grads, stats in zip(grads_seq, stats_seq):
-    grads = jax.tree.map(lambda a: np.asarray(a, np.float64), grads)
-    for name in ('dense', 'conv'):
-      p, g, m = params[name], grads[name], mom[name]
-      for leaf in p:
-        m[leaf] = momentum * m[leaf] + g[leaf]
-      direction = {
-        leaf: g[leaf] + momentum * m[leaf] if nesterov else m[leaf]
-        for leaf in p
-      }
-      st, features = stats[name]
-      fishers = explicit.normalized_row_fishers(
-        features, st.output_grads, damping
-      )
-      rhs = explicit.rows_to_vectors(direction['kernel'], direction.get('bias'))
-      u = []
-      for j in range(rhs.shape[0]):
-        z = explicit.textbook_cg(fishers[j], rhs[j], k)
-        u.append(z / np.sqrt(z @ rhs[j] + eps))
-      u = explicit.vectors_to_rows(np.stack(u), p['kernel'].shape, 'bias' in p)
-      for leaf in p:
-        p[leaf] = p[leaf] - lr * (u[leaf] + wd * p[leaf])
-    # Fallback: momentum SGD with coupled weight decay at lr * ratio.
-    p, g, m = params['norm'], grads['norm'], mom['norm']
-    for leaf in p:
-      m[leaf] = momentum * m[leaf] + g[leaf] + wd * p[leaf]
-      step = (
-        g[leaf] + wd * p[leaf] + momentum * m[leaf] if nesterov else m[leaf]
-      )
-      p[leaf] = p[leaf] - lr * ratio * step
-  return params
-
-
 @pytest.mark.parametrize('nesterov', [False, True])
 def test_matches_reference_loop(nesterov):
-  rng = np.random.default_rng(0)
-  dense_stats, dense_params, dense_features = make_layer(LAYERS[0], True)
-  conv_stats, conv_params, conv_features = make_layer(LAYERS[2], False)
-  params = {
-    'dense': dense_params,
-    'conv': conv_params,
-    'norm': {'scale': jnp.asarray(rng.normal(size=3))},
-  }
-  grads_seq, stats_seq, fo_stats_seq = [], [], []
-  for step in range(3):
-    grads_seq.append(
-      jax.tree.map(lambda a: jnp.asarray(rng.normal(size=a.shape)), params)
-    )
-    ds, _, _ = make_layer(LAYERS[0], True, seed=10 + step)
-    cs, _, _ = make_layer(LAYERS[2], False, seed=20 + step)
-    stats_seq.append(
-      {
-        'dense': (ds, make_layer(LAYERS[0], True, seed=10 + step)[2]),
-        'conv': (cs, make_layer(LAYERS[2], False, seed=20 + step)[2]),
-      }
-    )
-    fo_stats_seq.append({'dense': ds, 'conv': cs, 'norm': {'scale': None}})
-  del dense_stats, conv_stats, dense_features, conv_features
-  hp = dict(
-    lr=0.1,
-    momentum=0.9,
-    nesterov=nesterov,
-    wd=0.01,
-    damping=1e-3,
-    k=3,
-    eps=1e-10,
-    ratio=0.5,
-  )
-  want = reference_frog(params, grads_seq, stats_seq, **hp)
+  prob = reference_loops.problem()
+  hp = dict(lr=0.1, momentum=0.9, nesterov=nesterov, wd=0.01, ratio=0.5)
+  rule = reference_loops.frog_rule(damping=1e-3, k=3, eps=1e-10)
+  want = reference_loops.heavy_ball_loop(prob, rule, **hp)
 
   tx = fo.frog(
     hp['lr'],
     momentum=hp['momentum'],
     nesterov=nesterov,
     weight_decay=hp['wd'],
-    damping=hp['damping'],
-    cg_iters=hp['k'],
-    eps=hp['eps'],
+    damping=1e-3,
+    cg_iters=3,
+    eps=1e-10,
     other_lr_ratio=hp['ratio'],
   )
-  state = tx.init(params)
-  got = params
-  for grads, stats in zip(grads_seq, fo_stats_seq):
+  state = tx.init(prob.params)
+  got = prob.params
+  for grads, stats in zip(prob.grads, prob.stats):
     updates, state = tx.update(grads, state, got, frog_stats=stats)
     got = optax.apply_updates(got, updates)
   chex.assert_trees_all_close(got, want, rtol=1e-8, atol=1e-10)

@@ -212,9 +212,6 @@ def scale_by_frog(
   )
 
 
-reference_fallback = family.reference_fallback
-
-
 def frog(
   learning_rate: optax.ScalarOrSchedule,
   *,
