@@ -35,6 +35,10 @@ SUITES = {
   'cpu': Suite(
     tasks=('mnist10k', 'mnist1d'), seeds=(0, 1, 2), timing_rounds=20
   ),
+  # The CPU suite's protocol on an accelerator (same tasks, seeds, rounds).
+  'gpu': Suite(
+    tasks=('mnist10k', 'mnist1d'), seeds=(0, 1, 2), timing_rounds=20
+  ),
   'smoke': Suite(
     tasks=('smoke',),
     seeds=(0, 1),
@@ -108,8 +112,11 @@ def main(argv=None) -> list[str]:
 
 
 def _kfac_version() -> str:
-  import kfac_jax  # noqa: PLC0415
-
+  """kfac-jax's version, or why it does not import (e.g. a newer jax)."""
+  try:
+    import kfac_jax  # noqa: PLC0415
+  except (ImportError, AttributeError) as e:
+    return f'not importable: {type(e).__name__}: {e}'
   return kfac_jax.__version__
 
 

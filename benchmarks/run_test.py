@@ -1,5 +1,6 @@
 """The harness end to end on the smoke suite, and its pieces."""
 
+import dataclasses
 import json
 import os
 
@@ -138,7 +139,7 @@ def test_validation_split_is_the_training_tail():
 
 @pytest.mark.parametrize('name', list(optimizers.OPTIMIZERS))
 def test_each_optimizer_fits_one_batch(name):
-  """30 steps on one batch at the grid's middle rate cut its loss by 20%."""
+  """60 steps on one batch at the grid's middle rate cut its loss by 20%."""
   spec = optimizers.get(name)
   task = tasks.get('smoke')
   data = tasks.subsample(task.load(None), 64, 8)
@@ -152,7 +153,7 @@ def test_each_optimizer_fits_one_batch(name):
   )
   state = init()
   losses = []
-  for _ in range(30):
+  for _ in range(60):
     state, loss = trainer.step(state, x, y)
     losses.append(float(loss))
   assert losses[-1] < 0.8 * losses[0], losses
@@ -196,3 +197,21 @@ def test_readme_block_is_generated_from_the_committed_results(monkeypatch):
   block = readme.split(report.BEGIN)[1].split(report.END)[0]
   assert block.strip() == report.readme_block(folder).strip()
   assert 'mnist10k' in block and 'mnist1d' in block and 'Step cost' in block
+
+
+def test_family_pilot_records_every_rate(monkeypatch, tmp_path):
+  from benchmarks import family_pilot  # noqa: PLC0415
+
+  monkeypatch.setattr(family_pilot, 'WIDE_GRID', (0.01, 0.1))
+  out = tmp_path / 'pilot.json'
+  argv = ['--task', 'smoke', '--epochs', '1', '--optimizers', 'kfrog']
+  result = family_pilot.main([*argv, '--out', str(out)])
+  with open(out) as f:
+    assert json.load(f) == json.loads(json.dumps(result))
+  trials = result['trials']['kfrog']
+  assert [t['learning_rate'] for t in trials] == [0.01, 0.1]
+  # The pilot trains on the sweep's held-out split, never on test.
+  task = dataclasses.replace(tasks.get('smoke'), num_epochs=1)
+  val = tasks.validation_split(task.load(None))
+  again = protocol.train_run(task, optimizers.get('kfrog'), val, 0.1, seed=0)
+  assert trials[1]['final_accuracy'] == again['final_accuracy']

@@ -54,6 +54,29 @@ class TestRowFisherOperator:
     )
     np.testing.assert_allclose(lhs, rhs, rtol=1e-10)
 
+  def test_patches_are_each_groups_design_matrix(self, spec, has_bias):
+    stats, params, features = make_layer(spec, has_bias)
+    patches = fisher.input_patches(
+      stats.geometry, stats.inputs, params['kernel'].shape, has_bias
+    )
+    groups = patches.shape[0]
+    rows_per_group = features.shape[0] // groups
+    for j in range(features.shape[0]):
+      np.testing.assert_allclose(
+        patches[j // rows_per_group], features[j], rtol=1e-12, atol=1e-12
+      )
+
+  def test_diagonals_of_input_and_output_second_moments(self, spec, has_bias):
+    stats, params, features = make_layer(spec, has_bias)
+    got = fisher.input_sq_sums(stats, params, jnp.float64)
+    want = np.stack([np.diag(f.T @ f) for f in features])
+    rows = explicit.rows_to_vectors(got['kernel'], got.get('bias'))
+    np.testing.assert_allclose(rows, want, rtol=1e-10)
+    dy = np.asarray(stats.output_grads).reshape(-1, features.shape[0])
+    np.testing.assert_allclose(
+      fisher.output_sq_sums(stats, jnp.float64), (dy**2).sum(0), rtol=1e-12
+    )
+
 
 def test_operator_is_invariant_to_output_grad_scale():
   stats, params, _ = make_layer(LAYERS[2], True)

@@ -144,56 +144,12 @@ def test_damping_schedule_equals_constant():
 
 
 # --------------------------------------------------------------------------
-# The optax property battery.
+# Optax rules specific to FROG (the battery every member passes is in
+# test_family.py).
 
 
 def _frog(**kw):
   return fo.frog(0.1, exclude='head', **kw)
-
-
-def test_unknown_extra_args_are_ignored():
-  params, grads, stats = models.grads_and_stats()
-  tx = _frog()
-  a, _ = tx.update(grads, tx.init(params), params, frog_stats=stats)
-  b, _ = tx.update(
-    grads,
-    tx.init(params),
-    params,
-    frog_stats=stats,
-    unrelated=3,
-    loss=jnp.ones(()),
-  )
-  chex.assert_trees_all_equal(a, b)
-
-
-def test_no_recompile_on_second_update():
-  params, grads, stats = models.grads_and_stats()
-  tx = _frog(damping=optax.linear_schedule(1e-3, 1e-2, 10))
-  traces = []
-
-  @jax.jit
-  def update(grads, state, params, stats):
-    traces.append(1)
-    return tx.update(grads, state, params, frog_stats=stats)
-
-  state = tx.init(params)
-  _, state = update(grads, state, params, stats)
-  grads2 = jax.tree.map(lambda g: 2 * g, grads)
-  _, state = update(grads2, state, params, stats)
-  assert len(traces) == 1
-
-
-def test_inject_hyperparams():
-  params, grads, stats = models.grads_and_stats()
-  tx = optax.inject_hyperparams(fo.frog, static_args=('cg_iters',))(
-    learning_rate=0.1, exclude=('head',), weight_decay=0.0
-  )
-  state = tx.init(params)
-  update = jax.jit(lambda s: tx.update(grads, s, params, frog_stats=stats))
-  u1, _ = update(state)
-  state.hyperparams['learning_rate'] = jnp.asarray(0.3, jnp.float32)
-  u3, _ = update(state)
-  chex.assert_trees_all_close(u3, jax.tree.map(lambda u: 3 * u, u1), rtol=1e-5)
 
 
 def test_inject_hyperparams_traced_cg_iters_warns_and_matches():
@@ -208,41 +164,6 @@ def test_inject_hyperparams_traced_cg_iters_warns_and_matches():
     grads, _frog().init(params), params, frog_stats=stats
   )
   chex.assert_trees_all_close(rolled, want, rtol=1e-8)
-
-
-@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
-def test_dtypes_are_kept(dtype):
-  params, grads, stats = models.grads_and_stats(dtype=dtype)
-  tx = _frog()
-  updates, state = jax.jit(
-    lambda g, s, p, st: tx.update(g, s, p, frog_stats=st)
-  )(grads, tx.init(params), params, stats)
-  for u, p in zip(jax.tree.leaves(updates), jax.tree.leaves(params)):
-    assert u.dtype == p.dtype
-    assert np.all(np.isfinite(np.asarray(u, np.float32)))
-  momentum = state[0].inner_states['frog'].inner_state[0].trace
-  assert momentum['Conv_0']['kernel'].dtype == dtype
-  # mu_dtype keeps float32 momentum for bfloat16 parameters.
-  tx = _frog(mu_dtype=jnp.float32)
-  updates, state = tx.update(grads, tx.init(params), params, frog_stats=stats)
-  momentum = state[0].inner_states['frog'].inner_state[0].trace
-  assert momentum['Conv_0']['kernel'].dtype == jnp.float32
-  assert updates['Conv_0']['kernel'].dtype == dtype
-
-
-def test_multi_steps_accumulates_and_forwards_stats():
-  params, grads, stats = models.grads_and_stats(jnp.float64)
-  _, grads2, stats2 = models.grads_and_stats(jnp.float64, seed=1)
-  tx = optax.MultiSteps(_frog(), every_k_schedule=2)
-  state = tx.init(params)
-  u1, state = tx.update(grads, state, params, frog_stats=stats)
-  chex.assert_trees_all_equal(u1, jax.tree.map(jnp.zeros_like, u1))
-  u2, state = tx.update(grads2, state, params, frog_stats=stats2)
-  mean = jax.tree.map(lambda a, b: (a + b) / 2, grads, grads2)
-  direct = _frog()
-  want, _ = direct.update(mean, direct.init(params), params, frog_stats=stats2)
-  # MultiSteps averages in float32 arithmetic; CG amplifies it a little.
-  chex.assert_trees_all_close(u2, want, rtol=1e-5, atol=1e-8)
 
 
 def test_chain_and_partition():
@@ -274,13 +195,6 @@ def test_chain_and_partition():
 
 # --------------------------------------------------------------------------
 # Errors that name what is wrong.
-
-
-def test_missing_frog_stats_names_parameters():
-  params, grads, _ = models.grads_and_stats()
-  tx = _frog()
-  with pytest.raises(ValueError, match='frog_stats.*Conv_0/kernel'):
-    tx.update(grads, tx.init(params), params)
 
 
 def test_missing_layer_stats_names_parameter():
