@@ -383,3 +383,11 @@ def test_missing_frog_stats_names_parameters(name):
   tx = member(name)
   with pytest.raises(ValueError, match='frog_stats.*Conv_0/kernel'):
     tx.update(grads, tx.init(params), params)
+
+
+def test_state_from_other_parameters_is_an_error():
+  prob = ref.problem()
+  tx = fo.scale_by_kfrog()
+  state = tx.init({'dense': prob.params['dense']})
+  with pytest.raises(ValueError, match="no entry for 'conv'"):
+    tx.update(prob.grads[0], state, frog_stats=prob.stats[0])

@@ -77,6 +77,24 @@ def scale_by_row_preconditioner(
     A transformation whose `update` requires the keyword argument
     `frog_stats` (the stats tree of :func:`frog_optax.linen.value_and_grad`)
     and ignores other extra arguments.
+
+  Example:
+    A new member is one function: here, rows scaled by the inverse root
+    mean square of their output gradients (and a step counter as state).
+
+    >>> import jax.numpy as jnp, frog_optax as fo
+    >>> def update(name, stats, direction, seen, count):
+    ...   rms = jnp.sqrt(jnp.mean(stats.output_grads ** 2, axis=0))
+    ...   return {k: v / (rms + 1e-8) for k, v in direction.items()}, seen + 1
+    >>> tx = fo.scale_by_row_preconditioner(fo.LayerPreconditioner(
+    ...     init=lambda leaves: jnp.zeros([], jnp.int32), update=update))
+    >>> params = {'Dense_0': {'kernel': jnp.ones((3, 2))}}
+    >>> stats = {'Dense_0': fo.LayerStats(
+    ...     inputs=jnp.ones((4, 3)), output_grads=2 * jnp.ones((4, 2)),
+    ...     geometry=fo.DenseGeometry())}
+    >>> u, state = tx.update(params, tx.init(params), frog_stats=stats)
+    >>> u['Dense_0']['kernel'][0], state.layers['Dense_0']
+    (Array([0.5, 0.5], dtype=float32), Array(1, dtype=int32))
   """
 
   def chosen_modules(modules):
@@ -119,6 +137,12 @@ def scale_by_row_preconditioner(
     layers = dict(state.layers)
     for m in chosen:
       _check_layer_shapes(m, by_path[m], modules[m])
+      if m not in state.layers and preconditioner.init(modules[m]) is not None:
+        raise ValueError(
+          f'The optimizer state has no entry for {m!r}: it was initialised'
+          ' with other parameters (or other `exclude` settings) than those'
+          f' it updates; state entries: {sorted(state.layers)[:10]}.'
+        )
       new_leaves[m], layer_state = preconditioner.update(
         m, by_path[m], modules[m], state.layers.get(m), state.count
       )

@@ -303,6 +303,10 @@ def frog(
     ...                                frog_stats=stats)
     >>> params = optax.apply_updates(params, updates)
 
+    An ablation for benchmarks, e.g. the exact per-row solve:
+
+    >>> exact = fo.frog(0.01, exclude=('layers_2',), solver='cholesky')
+
   References:
     Breskanu, FROG: Fisher ROw-wise preconditioninG,
     https://github.com/Fullfix/frog-optimizer
