@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from frog_optax._src import cg as cg_lib
@@ -60,6 +61,8 @@ def precondition_layer(
   Returns:
     `u` with the structure and dtypes of `direction`.
   """
+  validation.check_choice('solver', solver, SOLVERS)
+  validation.check_choice('row_blocks', row_blocks, fisher.ROW_BLOCKS)
   dtype = family.solve_dtype(direction)
   m = {k: v.astype(dtype) for k, v in direction.items()}
   curvature = dict(
@@ -80,7 +83,7 @@ def precondition_layer(
   if step_normalization:
     # ⟨z, m⟩ > 0 in exact arithmetic (CG iterates of a PSD system); clip the
     # rounding so that the square root stays real.
-    zm = jax.numpy.maximum(fisher.row_inner(z, m), 0.0)
+    zm = jnp.maximum(fisher.row_inner(z, m), 0.0)
     scale = jax.lax.rsqrt(zm + eps)
     z = {k: v * scale for k, v in z.items()}
   return {k: z[k].astype(direction[k].dtype) for k in direction}
