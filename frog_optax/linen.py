@@ -173,6 +173,41 @@ def _sample_rows(batch: int, session: _Session) -> jax.Array | slice:
   return jnp.sort(jax.random.choice(session.rng, batch, (s,), replace=False))
 
 
+# Strided rows are taken by a reshape to (s, stride, ...) and a slice of the
+# second axis, not by a gather: with the batch axis sharded over devices, the
+# s axis inherits the sharding, so neither the sampled inputs nor the output
+# gradients of the sample leave their device (a gather or scatter with row
+# indices made XLA all-reduce the sampled output gradients).
+
+
+def _strided(a: jax.Array, rows: slice) -> jax.Array:
+  """`a[:s·stride]` as `(s, stride, ...)`."""
+  step = rows.step
+  s = (rows.stop - rows.start) // step
+  return a[: s * step].reshape((s, step) + a.shape[1:])
+
+
+def _take_rows(a: jax.Array, rows: jax.Array | slice) -> jax.Array:
+  if isinstance(rows, slice):
+    return _strided(a, rows)[:, 0]
+  return a[rows]
+
+
+def _add_to_rows(
+  a: jax.Array, rows: jax.Array | slice, values: jax.Array
+) -> jax.Array:
+  """`a.at[rows].add(values)`, sharding-friendly for strided rows."""
+  if not isinstance(rows, slice):
+    return a.at[rows].add(values)
+  # Zeros between the sampled rows: (s, 1, ...) → (s, stride, ...) → rows.
+  pad = [(0, 0), (0, rows.step - 1)] + [(0, 0)] * (values.ndim - 1)
+  spread = jnp.pad(values[:, None], pad).reshape((-1,) + a.shape[1:])
+  tail = a.shape[0] - spread.shape[0]  # rows after the last whole stride
+  if tail:
+    spread = jnp.pad(spread, [(0, tail)] + [(0, 0)] * (a.ndim - 1))
+  return a + spread
+
+
 def _interceptor(next_fun, args, kwargs, context):
   module = context.module
   session = _current_session()
@@ -193,7 +228,7 @@ def _interceptor(next_fun, args, kwargs, context):
       module, f'inputs of shape {x.shape} have no batch axis to sample from'
     )
   rows = _sample_rows(x.shape[0], session)
-  x_rows = lax.stop_gradient(x[rows])
+  x_rows = lax.stop_gradient(_take_rows(x, rows))
   # Fold extra leading axes into the sample axis: they are samples too.
   x_rows = x_rows.reshape((-1,) + x.shape[x.ndim - num_feature_dims :])
   if is_conv:
@@ -208,7 +243,7 @@ def _interceptor(next_fun, args, kwargs, context):
   if module.has_variable(INPUTS, _SOW_NAME):
     index = len(module.get_variable(INPUTS, _SOW_NAME))
   module.sow(INPUTS, _SOW_NAME, x_rows)
-  y_rows_shape = jax.eval_shape(lambda t: t[rows], y).shape
+  y_rows_shape = jax.eval_shape(lambda t: _take_rows(t, rows), y).shape
   try:
     perturbation = module.variable(
       PERTURBATIONS,
@@ -221,7 +256,7 @@ def _interceptor(next_fun, args, kwargs, context):
     raise NotImplementedError(
       f'frog_optax could not capture {path!r}.' + _LIFTED_HINT
     ) from e
-  return y.at[rows].add(perturbation.value)
+  return _add_to_rows(y, rows, perturbation.value)
 
 
 # ----------------------------------------------------------------------------
