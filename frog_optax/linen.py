@@ -406,6 +406,9 @@ def value_and_grad(
     has_aux: whether `fun` returns `(loss, aux)`.
     rng: optional PRNG key: sample `sample_size` random rows (the same rows
       for every layer) instead of the default strided rows `x[::B // s]`.
+      Strided rows stay on their device when the batch axis is sharded
+      (let `sample_size` divide the batch and the device count divide
+      `sample_size`); random rows are gathered across devices.
 
   Returns:
     A function returning `(value, grads, stats)`; `value` is `loss` or
