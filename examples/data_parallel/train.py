@@ -37,6 +37,7 @@ class Config:
   sample_size: int = 32
   learning_rate: float = 0.05
   seed: int = 0
+  dtype: str = 'float32'  # activations and compute; parameters stay float32
 
 
 def check_divisibility(config: Config, num_devices: int) -> None:
@@ -52,6 +53,12 @@ def check_divisibility(config: Config, num_devices: int) -> None:
     )
 
 
+def make_model(config: Config) -> models.ConvNet:
+  return models.ConvNet(
+    num_classes=10, features=(16, 32, 32), dtype=jnp.dtype(config.dtype)
+  )
+
+
 def train(config: Config, devices=None):
   """Trains the main job's conv net on digits; returns losses and state."""
   devices = jax.devices() if devices is None else devices
@@ -61,7 +68,7 @@ def train(config: Config, devices=None):
   by_batch = NamedSharding(mesh, PartitionSpec('batch'))
 
   data = input_pipeline.load('digits')
-  model = models.ConvNet(num_classes=data.num_classes, features=(16, 32, 32))
+  model = make_model(config)
   x_all = np.asarray(data.x_train, np.float32)
   y_all = np.asarray(data.y_train)
   variables = model.init(jax.random.key(config.seed), x_all[:2])
@@ -69,6 +76,7 @@ def train(config: Config, devices=None):
     optax.cosine_decay_schedule(config.learning_rate, config.steps),
     exclude='head',
     other_lr_ratio=1.0,
+    mu_dtype=jnp.float32,
   )
   state = jax.device_put(
     (
@@ -88,14 +96,14 @@ def train(config: Config, devices=None):
   losses = []
   for _ in range(config.steps):
     idx = rng.choice(len(y_all), config.batch_size, replace=False)
-    x = jax.device_put(x_all[idx], by_batch)
+    x = jax.device_put(x_all[idx].astype(config.dtype), by_batch)
     y = jax.device_put(y_all[idx], by_batch)
     state, loss = step(state, x, y)
     losses.append(float(loss))
   params, batch_stats, _ = state
   logits = model.apply(
     {'params': params, 'batch_stats': batch_stats},
-    jnp.asarray(data.x_test, jnp.float32),
+    jnp.asarray(data.x_test, config.dtype),
     train=False,
   )
   accuracy = float((logits.argmax(-1) == jnp.asarray(data.y_test)).mean())
