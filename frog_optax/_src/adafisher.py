@@ -139,7 +139,7 @@ def scale_by_adafisher(
 
   def update_layer(name, layer_stats, direction, state, count):
     del name
-    dtype = family.solve_dtype(direction)
+    dtype = direction['kernel'].dtype  # the solve dtype
     fresh = AdaFisherLayerState(
       input_diag=_min_max(fisher.input_sq_sums(layer_stats, direction, dtype)),
       output_diag=_min_max(fisher.output_sq_sums(layer_stats, dtype)),
@@ -152,10 +152,10 @@ def scale_by_adafisher(
     )
     tau = family.schedule_value(damping, count)
     u = {
-      k: direction[k].astype(dtype) / (h * state.output_diag + tau)
+      k: direction[k] / (h * state.output_diag + tau)
       for k, h in state.input_diag.items()
     }
-    return {k: u[k].astype(direction[k].dtype) for k in direction}, state
+    return u, state
 
   return family.scale_by_row_preconditioner(
     family.LayerPreconditioner(init=init_layer, update=update_layer), exclude

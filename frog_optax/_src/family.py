@@ -34,9 +34,10 @@ class LayerPreconditioner(NamedTuple):
     init: `(leaves) -> state` for one preconditioned module, where `leaves`
       is its `{'kernel', 'bias'?}` dict; `None` for a stateless member.
     update: `(name, layer_stats, direction, state, count) -> (u, state)`:
-      the update of one module (with the structure and dtypes of
-      `direction`) and its new state. `count` is the number of previous
-      updates.
+      the update of one module (with the structure of `direction`) and its
+      new state. The shell hands `direction` over in the solve dtype (at
+      least float32) and casts `u` back to the dtypes of the momentum.
+      `count` is the number of previous updates.
   """
 
   init: Callable[[RowParams], Any]
@@ -143,9 +144,16 @@ def scale_by_row_preconditioner(
           ' with other parameters (or other `exclude` settings) than those'
           f' it updates; state entries: {sorted(state.layers)[:10]}.'
         )
-      new_leaves[m], layer_state = preconditioner.update(
-        m, by_path[m], modules[m], state.layers.get(m), state.count
+      leaves = modules[m]
+      dtype = solve_dtype(leaves)
+      u, layer_state = preconditioner.update(
+        m,
+        by_path[m],
+        {k: v.astype(dtype) for k, v in leaves.items()},
+        state.layers.get(m),
+        state.count,
       )
+      new_leaves[m] = {k: u[k].astype(v.dtype) for k, v in leaves.items()}
       if layer_state is not None:
         layers[m] = layer_state
 

@@ -155,8 +155,7 @@ def scale_by_foof(
     return FoofLayerState(second_moment=jnp.zeros_like(eye), factor=eye)
 
   def update_layer(name, layer_stats, direction, state, count):
-    dtype = family.solve_dtype(direction)
-    m = {k: v.astype(dtype) for k, v in direction.items()}
+    m, dtype = direction, direction['kernel'].dtype  # the solve dtype
     tau = family.schedule_value(damping, count)
     groups = getattr(layer_stats.geometry, 'feature_group_count', 1)
     if state is not None and groups > 1 and solver == 'cholesky':
@@ -182,7 +181,7 @@ def scale_by_foof(
       )
       state = FoofLayerState(second_moment, factor)
       z = dense_rows.grouped_cholesky_solve(factor, m)
-    return {k: z[k].astype(direction[k].dtype) for k in direction}, state
+    return z, state
 
   return family.scale_by_row_preconditioner(
     family.LayerPreconditioner(init=init_layer, update=update_layer), exclude

@@ -73,8 +73,7 @@ def scale_by_kfrog(
 
   def update_layer(name, layer_stats, direction, y_average, count):
     del name
-    dtype = family.solve_dtype(direction)
-    m = {k: v.astype(dtype) for k, v in direction.items()}
+    m, dtype = direction, direction['kernel'].dtype  # the solve dtype
     n = layer_stats.inputs.shape[0]
     y_mean = fisher.output_sq_sums(layer_stats, dtype) / n
     y_average = y_momentum * y_average + (1.0 - y_momentum) * y_mean
@@ -85,8 +84,7 @@ def scale_by_kfrog(
       layer_stats, rhs, family.schedule_value(damping, count), cg_iters
     )
     x_mean = fisher.input_sq_sums(layer_stats, m, dtype)
-    u = {k: z[k] * jnp.sqrt(x_mean[k] / n) for k in z}
-    return {k: u[k].astype(direction[k].dtype) for k in direction}, y_average
+    return {k: z[k] * jnp.sqrt(x_mean[k] / n) for k in z}, y_average
 
   return family.scale_by_row_preconditioner(
     family.LayerPreconditioner(init=init_layer, update=update_layer), exclude
