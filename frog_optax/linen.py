@@ -2,7 +2,9 @@
 
 The user wraps `model.apply` once with :func:`capture` and replaces
 `jax.value_and_grad` by :func:`value_and_grad`. Inside, a method interceptor
-on `nn.Dense`/`nn.Conv` does two things for the sampled rows of the batch:
+on `nn.Dense`, `nn.Conv`, `nn.DenseGeneral` and `nn.Einsum` (so also the
+projections of `nn.MultiHeadDotProductAttention`) does two things for the
+sampled rows of the batch:
 it `sow`s their (gradient-stopped) inputs, and it adds a zero "perturbation"
 variable to their outputs. The gradient of the loss with respect to those
 zeros is dLoss/d(outputs), computed by the same backward pass as the
@@ -10,7 +12,11 @@ parameter gradients — no second pass, no loss registration, any loss works.
 
 Everything traced travels through Flax collections (`frog_inputs`,
 `frog_perturbations`), so `nn.remat` and friends cannot leak tracers; only
-static layer geometry goes through the Python-side session.
+static layer geometry goes through the Python-side session. Under `nn.scan`,
+give both collections the parameters' layer axis (`variable_axes={'params':
+0, INPUTS: 0, PERTURBATIONS: 0}`): the stats then carry it too, and every
+layer of the stack is preconditioned on its own. `nn.Embed` has no kernel
+and goes to the fallback.
 """
 
 import contextlib
@@ -27,6 +33,7 @@ import optax
 from flax.training import train_state
 from jax import lax
 
+from frog_optax._src import capture as capture_lib
 from frog_optax._src import describe as describe_lib
 from frog_optax._src import stats as stats_lib
 from frog_optax._src import validation
@@ -34,10 +41,12 @@ from frog_optax._src import validation
 INPUTS = 'frog_inputs'
 PERTURBATIONS = 'frog_perturbations'
 _SOW_NAME = 'inputs'
-_CAPTURED_TYPES = (nn.Dense, nn.Conv)
+_CAPTURED_TYPES = (nn.Dense, nn.Conv, nn.DenseGeneral, nn.Einsum)
 _LIFTED_HINT = (
-  ' It was probably called inside nn.scan or nn.vmap, whose stacked layers'
-  ' FROG does not capture yet; exclude it with frog(..., exclude=...).'
+  ' It was probably called inside nn.scan or nn.vmap: give both capture'
+  ' collections a leading layer axis there, variable_axes={"params": 0,'
+  ' fo.linen.INPUTS: 0, fo.linen.PERTURBATIONS: 0}, or exclude it with'
+  ' frog(..., exclude=...).'
 )
 
 
@@ -51,9 +60,8 @@ class _Session:
   perturbations: list[Any] = dataclasses.field(default_factory=list)
   collected_inputs: list[Any] = dataclasses.field(default_factory=list)
   collected_perturbations: list[Any] = dataclasses.field(default_factory=list)
-  geometry: dict[str, stats_lib.LayerGeometry] = dataclasses.field(
-    default_factory=dict
-  )
+  # (geometry, layout) of every captured layer.
+  geometry: dict[str, tuple[Any, Any]] = dataclasses.field(default_factory=dict)
   # Batch size of every call of every layer, in call order.
   batch_sizes: dict[str, list[int]] = dataclasses.field(default_factory=dict)
   num_applies: int = 0
@@ -77,15 +85,7 @@ def _session_scope(session: _Session):
 
 
 # ----------------------------------------------------------------------------
-# Layer geometry: how each supported layer maps to a lax-level linear map.
-
-
-def _tuple(value, n):
-  if value is None:
-    return (1,) * n
-  if isinstance(value, int):
-    return (value,) * n
-  return tuple(value)
+# The interceptor.
 
 
 def _unsupported(module: nn.Module, why: str) -> NotImplementedError:
@@ -97,10 +97,12 @@ def _unsupported(module: nn.Module, why: str) -> NotImplementedError:
 
 
 def _check_supported(module: nn.Module) -> None:
-  if isinstance(module, nn.Dense):
+  if isinstance(module, (nn.Dense, nn.DenseGeneral)):
     if module.dot_general is not None or module.dot_general_cls is not None:
       raise _unsupported(module, 'a custom dot_general is set')
-  else:
+  if isinstance(module, nn.DenseGeneral) and module.batch_dims:
+    raise _unsupported(module, 'batch_dims (a batched kernel) is set')
+  if isinstance(module, nn.Conv):
     if module.conv_general_dilated_cls is not None or (
       module.conv_general_dilated not in (None, lax.conv_general_dilated)
     ):
@@ -118,94 +120,26 @@ def _is_captured(module: nn.Module) -> bool:
   )
 
 
-def _conv_lax_inputs(module: nn.Conv, x: jax.Array):
-  """The inputs and geometry of the lax conv that Flax's `Conv` runs."""
-  kernel_size = _tuple(module.kernel_size, 1)
-  n = len(kernel_size)
-  strides = _tuple(module.strides, n)
-  input_dilation = _tuple(module.input_dilation, n)
-  kernel_dilation = _tuple(module.kernel_dilation, n)
-  dilated = [(k - 1) * d + 1 for k, d in zip(kernel_size, kernel_dilation)]
-  padding = module.padding
-  if isinstance(padding, str):
-    padding = padding.upper()
-  if padding in ('CIRCULAR', 'REFLECT'):
-    pads = [(0, 0)] + [((k - 1) // 2, k // 2) for k in dilated] + [(0, 0)]
-    mode = {'CIRCULAR': 'wrap', 'REFLECT': 'reflect'}[padding]
-    x = jnp.pad(x, pads, mode=mode)
-    padding = 'VALID'
-  elif padding == 'CAUSAL':
-    if n != 1:
-      raise _unsupported(module, 'CAUSAL padding is 1-D only')
-    x = jnp.pad(
-      x, [(0, 0), ((kernel_size[0] - 1) * kernel_dilation[0], 0), (0, 0)]
+def _sample(module, args, kwargs, x, y, rows) -> capture_lib.Sampled:
+  unsupported = lambda why: _unsupported(module, why)
+  if isinstance(module, nn.Conv):
+    return capture_lib.sample_conv(module, x, y, rows, unsupported)
+  if isinstance(module, nn.Dense):
+    dense = capture_lib.dense_map(x.ndim, unsupported)
+  elif isinstance(module, nn.DenseGeneral):
+    dense = capture_lib.dense_general_map(
+      x.ndim,
+      capture_lib.as_tuple(module.axis, 1),
+      len(capture_lib.as_tuple(module.features, 1)),
+      unsupported,
     )
-    padding = 'VALID'
-  if isinstance(padding, str):
-    if padding not in ('SAME', 'VALID', 'SAME_LOWER'):
-      raise _unsupported(module, f'padding {padding!r} is unknown')
-    # lax.conv_general_dilated computes string padding on the undilated
-    # input shape; do the same.
-    pads = lax.padtype_to_pads(x.shape[1:-1], dilated, strides, padding)
-  elif isinstance(padding, int):
-    pads = [(padding, padding)] * n
-  else:
-    pads = [(p, p) if isinstance(p, int) else tuple(p) for p in padding]
-    if len(pads) == 1 and n > 1:
-      pads = pads * n
-  geometry = stats_lib.ConvGeometry(
-    strides=strides,
-    padding=tuple((int(lo), int(hi)) for lo, hi in pads),
-    input_dilation=input_dilation,
-    kernel_dilation=kernel_dilation,
-    feature_group_count=int(module.feature_group_count),
-  )
-  return x, geometry
-
-
-def _sample_rows(batch: int, session: _Session) -> jax.Array | slice:
-  s = session.sample_size
-  s = batch if s is None or s >= batch else s
-  if session.rng is None:
-    # Strided rows stay local to each shard when the batch axis is sharded.
-    step = batch // s
-    return slice(0, step * s, step)
-  return jnp.sort(jax.random.choice(session.rng, batch, (s,), replace=False))
-
-
-# Strided rows are taken by a reshape to (s, stride, ...) and a slice of the
-# second axis, not by a gather: with the batch axis sharded over devices, the
-# s axis inherits the sharding, so neither the sampled inputs nor the output
-# gradients of the sample leave their device (a gather or scatter with row
-# indices made XLA all-reduce the sampled output gradients).
-
-
-def _strided(a: jax.Array, rows: slice) -> jax.Array:
-  """`a[:s·stride]` as `(s, stride, ...)`."""
-  step = rows.step
-  s = (rows.stop - rows.start) // step
-  return a[: s * step].reshape((s, step) + a.shape[1:])
-
-
-def _take_rows(a: jax.Array, rows: jax.Array | slice) -> jax.Array:
-  if isinstance(rows, slice):
-    return _strided(a, rows)[:, 0]
-  return a[rows]
-
-
-def _add_to_rows(
-  a: jax.Array, rows: jax.Array | slice, values: jax.Array
-) -> jax.Array:
-  """`a.at[rows].add(values)`, sharding-friendly for strided rows."""
-  if not isinstance(rows, slice):
-    return a.at[rows].add(values)
-  # Zeros between the sampled rows: (s, 1, ...) → (s, stride, ...) → rows.
-  pad = [(0, 0), (0, rows.step - 1)] + [(0, 0)] * (values.ndim - 1)
-  spread = jnp.pad(values[:, None], pad).reshape((-1,) + a.shape[1:])
-  tail = a.shape[0] - spread.shape[0]  # rows after the last whole stride
-  if tail:
-    spread = jnp.pad(spread, [(0, tail)] + [(0, 0)] * (a.ndim - 1))
-  return a + spread
+  else:  # nn.Einsum: the equation may also be given at call time.
+    einsum_str = args[1] if len(args) > 1 else kwargs.get('einsum_str')
+    einsum_str = (einsum_str or module.einsum_str).replace(' ', '')
+    dense = capture_lib.einsum_map(
+      einsum_str, x.shape, tuple(module.shape), unsupported
+    )
+  return capture_lib.sample_dense(x, y, rows, dense)
 
 
 def _interceptor(next_fun, args, kwargs, context):
@@ -221,42 +155,32 @@ def _interceptor(next_fun, args, kwargs, context):
   x = args[0] if args else kwargs['inputs']
   y = next_fun(*args, **kwargs)
   path = '/'.join(module.scope.path)
-  is_conv = isinstance(module, nn.Conv)
-  num_feature_dims = len(_tuple(module.kernel_size, 1)) + 1 if is_conv else 1
-  if x.ndim <= num_feature_dims:
-    raise _unsupported(
-      module, f'inputs of shape {x.shape} have no batch axis to sample from'
-    )
-  rows = _sample_rows(x.shape[0], session)
-  x_rows = lax.stop_gradient(_take_rows(x, rows))
-  # Fold extra leading axes into the sample axis: they are samples too.
-  x_rows = x_rows.reshape((-1,) + x.shape[x.ndim - num_feature_dims :])
-  if is_conv:
-    x_rows, geometry = _conv_lax_inputs(module, x_rows)
-  else:
-    geometry = stats_lib.DenseGeometry()
-  if session.geometry.setdefault(path, geometry) != geometry:
+  if x.ndim < 1:
+    raise _unsupported(module, 'its inputs are a scalar')
+  rows = capture_lib.sample_rows(x.shape[0], session.sample_size, session.rng)
+  sampled = _sample(module, args, kwargs, x, y, rows)
+  kind = (sampled.geometry, sampled.layout)
+  if session.geometry.setdefault(path, kind) != kind:
     raise _unsupported(module, 'its calls have different geometries')
   session.batch_sizes.setdefault(path, []).append(x.shape[0])
 
   index = 0
   if module.has_variable(INPUTS, _SOW_NAME):
     index = len(module.get_variable(INPUTS, _SOW_NAME))
-  module.sow(INPUTS, _SOW_NAME, x_rows)
-  y_rows_shape = jax.eval_shape(lambda t: _take_rows(t, rows), y).shape
+  module.sow(INPUTS, _SOW_NAME, sampled.inputs)
   try:
     perturbation = module.variable(
       PERTURBATIONS,
       f'output_grads_{index}',
       jnp.zeros,
-      y_rows_shape,
+      sampled.perturbation_shape,
       y.dtype,
     )
   except flax.errors.ScopeCollectionNotFound as e:
     raise NotImplementedError(
       f'frog_optax could not capture {path!r}.' + _LIFTED_HINT
     ) from e
-  return _add_to_rows(y, rows, perturbation.value)
+  return sampled.add_perturbation(perturbation.value)
 
 
 # ----------------------------------------------------------------------------
@@ -336,37 +260,17 @@ def _assemble_stats(session: _Session, output_grads: list[Any]):
     for path, leaf in by_call:
       module = stats_lib.path_name(path[:-1])
       flat_grads.setdefault(module, []).append(leaf)
-  captured = {}
-  for module, xs in flat_inputs.items():
-    dys = flat_grads[module]
-    if len({x.shape[1:] for x in xs}) > 1:
-      raise NotImplementedError(
-        f'{module!r} was called on inputs of different shapes'
-        f' {[x.shape for x in xs]}; FROG stats cannot be combined. Exclude it.'
-      )
-    geometry = session.geometry[module]
-    expected_ndim = (
-      2
-      if isinstance(geometry, stats_lib.DenseGeometry)
-      else geometry.num_spatial_dims + 2
+  return {
+    module: capture_lib.assemble(
+      module,
+      xs,
+      flat_grads[module],
+      session.batch_sizes[module],
+      *session.geometry[module],
+      lifted_hint=' Exclude it.',
     )
-    if xs[0].ndim != expected_ndim:
-      raise NotImplementedError(
-        f'frog_optax could not capture {module!r}: its inputs have an extra'
-        f' stacked axis (shape {xs[0].shape}).' + _LIFTED_HINT
-      )
-    x = jnp.concatenate(xs) if len(xs) > 1 else xs[0]
-    # A mean-reduced loss scales dy by 1/B: undo it per call (the solve is
-    # scale-free), so that small dy² do not underflow.
-    dy = [
-      d.reshape((-1,) + d.shape[-(x.ndim - 1) :]) * b
-      for d, b in zip(dys, session.batch_sizes[module])
-    ]
-    dy = jnp.concatenate(dy) if len(dy) > 1 else dy[0]
-    captured[module] = stats_lib.LayerStats(
-      inputs=x, output_grads=dy, geometry=geometry
-    )
-  return captured
+    for module, xs in flat_inputs.items()
+  }
 
 
 def _check_all_perturbed(session: _Session, perturbation_shapes) -> None:

@@ -183,31 +183,6 @@ def test_nested_remat_and_shared_modules():
   chex.assert_trees_all_close(got, grads['shared'], rtol=1e-10)
 
 
-def test_scan_is_refused_loudly():
-
-  class Cell(nn.Module):
-    @nn.compact
-    def __call__(self, x, _):
-      return nn.relu(nn.Dense(4)(x)), None
-
-  class Scanned(nn.Module):
-    @nn.compact
-    def __call__(self, x):
-      scan = nn.scan(
-        Cell, variable_axes={'params': 0}, split_rngs={'params': True}, length=2
-      )
-      return scan()(x, None)[0].sum()
-
-  model = Scanned()
-  x = jnp.ones((4, 4))
-  params = model.init(jax.random.key(0), x)['params']
-  apply_fn = fo.linen.capture(model.apply)
-  with pytest.raises(NotImplementedError, match='nn.scan'):
-    fo.linen.value_and_grad(
-      lambda p: apply_fn({'params': p}, x), sample_size=2
-    )(params)
-
-
 def test_capture_outside_value_and_grad_is_plain_apply():
   model, variables, x, _ = models.setup()
   apply_fn = fo.linen.capture(model.apply)

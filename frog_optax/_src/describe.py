@@ -1,12 +1,25 @@
 """A human-readable table of how FROG treats each parameter."""
 
+import math
 from typing import Any
 
 import numpy as np
 
 from frog_optax._src import fisher
+from frog_optax._src import layouts
 from frog_optax._src import routing
 from frog_optax._src import stats as stats_lib
+
+
+def _row_size(leaves, layer_stats) -> int:
+  """D of one row, in the row-stacked form the stats' layout gives."""
+  if layer_stats is None:
+    return fisher.row_dimension(leaves)
+  layout = layer_stats.layout
+  shape = layouts.row_stacked_kernel_shape(np.shape(leaves['kernel']), layout)
+  if shape is None:  # stats of other parameters: the update will say so
+    return fisher.row_dimension(leaves)
+  return math.prod(shape[layout.stacked_axes : -1]) + ('bias' in leaves)
 
 
 def describe_rows(
@@ -34,8 +47,8 @@ def describe_rows(
       'samples': None,
     }
     if module in candidates:
-      entry['row_size'] = fisher.row_dimension(leaves)
       layer_stats = by_path.get(module)
+      entry['row_size'] = _row_size(leaves, layer_stats)
       if layer_stats is not None:
         entry['samples'] = layer_stats.num_samples
       if module not in chosen:

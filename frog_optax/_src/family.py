@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from frog_optax._src import layouts
 from frog_optax._src import routing
 from frog_optax._src import stats as stats_lib
 from frog_optax._src import validation
@@ -55,12 +56,38 @@ class RowPreconditionerState(NamedTuple):
 
 
 def _check_layer_shapes(name, layer_stats, leaves):
-  kernel = leaves['kernel']
-  rows = layer_stats.output_grads.shape[-1]
-  if rows != kernel.shape[-1]:
+  layout = layer_stats.layout
+  kernel_shape = leaves['kernel'].shape
+  dy_shape = layer_stats.output_grads.shape
+  row_stacked = layouts.row_stacked_kernel_shape(kernel_shape, layout)
+  if (
+    row_stacked is None
+    or row_stacked[-1] != dy_shape[-1]
+    or row_stacked[: layout.stacked_axes] != dy_shape[: layout.stacked_axes]
+  ):
     raise ValueError(
-      f'frog_stats for {name!r} has {rows} output rows but its kernel has'
-      f' shape {kernel.shape}: the stats do not belong to these parameters.'
+      f'frog_stats for {name!r} has output gradients of shape {dy_shape}'
+      f' (layout {layout}) but its kernel has shape {kernel_shape}: the'
+      ' stats do not belong to these parameters.'
+    )
+
+
+def _check_layout_state(name, preconditioner, row_stacked, layout, state):
+  """State made by `init` from the raw kernel must fit the layout's view."""
+  expected = jax.eval_shape(
+    layouts.per_layer(preconditioner.init, layout), row_stacked
+  )
+  shapes = lambda tree: jax.tree.map(lambda a: a.shape, tree)
+  if jax.tree.structure(expected) != jax.tree.structure(state) or shapes(
+    expected
+  ) != shapes(state):
+    raise ValueError(
+      f'{name!r} is a DenseGeneral, Einsum or nn.scan-stacked module (layout'
+      f' {layout}): this optimizer keeps per-layer state whose shape depends'
+      ' on that layout, and `init`, which sees only the parameters, made it'
+      ' for a plain Dense/Conv kernel. Precondition such modules with'
+      ' frog_optax.frog (stateless), or route them to the fallback with'
+      f' exclude=({name!r},).'
     )
 
 
@@ -137,22 +164,30 @@ def scale_by_row_preconditioner(
     new_leaves = {}
     layers = dict(state.layers)
     for m in chosen:
-      _check_layer_shapes(m, by_path[m], modules[m])
-      if m not in state.layers and preconditioner.init(modules[m]) is not None:
+      leaves, layer_stats = modules[m], by_path[m]
+      _check_layer_shapes(m, layer_stats, leaves)
+      if m not in state.layers and preconditioner.init(leaves) is not None:
         raise ValueError(
           f'The optimizer state has no entry for {m!r}: it was initialised'
           ' with other parameters (or other `exclude` settings) than those'
           f' it updates; state entries: {sorted(state.layers)[:10]}.'
         )
-      leaves = modules[m]
+      layout = layer_stats.layout
       dtype = solve_dtype(leaves)
-      u, layer_state = preconditioner.update(
-        m,
-        by_path[m],
-        {k: v.astype(dtype) for k, v in leaves.items()},
-        state.layers.get(m),
-        state.count,
+      direction = layouts.to_row_stacked(
+        {k: v.astype(dtype) for k, v in leaves.items()}, layout
       )
+      if m in state.layers and not layout.is_row_stacked:
+        _check_layout_state(
+          m, preconditioner, direction, layout, state.layers[m]
+        )
+      update_one = lambda s, d, st, m=m: preconditioner.update(
+        m, s, d, st, state.count
+      )
+      u, layer_state = layouts.per_layer(update_one, layout)(
+        layouts.layer_stats(layer_stats), direction, state.layers.get(m)
+      )
+      u = layouts.from_row_stacked(u, layout, leaves)
       new_leaves[m] = {k: u[k].astype(v.dtype) for k, v in leaves.items()}
       if layer_state is not None:
         layers[m] = layer_state

@@ -1,8 +1,9 @@
 """Which parameters a row preconditioner owns, and the fallback for the rest.
 
 The choice is made from the parameter tree alone (so `init` knows it): every
-module dict that holds exactly a `kernel` of rank >= 2 and optionally a 1-D
-`bias` (Flax `Dense` and `Conv`), unless its path is excluded. Every member
+module dict that holds exactly a `kernel` of rank >= 2 and optionally a
+`bias` of lower rank (Flax `Dense`, `Conv`, `DenseGeneral`, `Einsum`, and
+their `nn.scan` stacks), unless its path is excluded. Every member
 of the family (FROG, K-FROG, FOOF, AdaFisher) routes the same way.
 """
 
@@ -29,14 +30,19 @@ def module_leaves(tree: Any) -> dict[str, dict[str, Any]]:
 
 
 def _is_row_layer(leaves: dict[str, Any]) -> bool:
-  """A Dense/Conv-like module: a kernel of rank >= 2 and maybe a 1-D bias."""
+  """A Dense/Conv-like module: a kernel of rank >= 2 and maybe a bias.
+
+  The bias has fewer axes than the kernel: `(rows,)` for Dense and Conv, the
+  output axes for DenseGeneral and Einsum, with a leading layer axis under
+  `nn.scan`. Which axes are rows is told by the captured stats.
+  """
   if set(leaves) not in ({'kernel'}, {'kernel', 'bias'}):
     return False
-  kernel = leaves['kernel']
-  if getattr(kernel, 'ndim', 0) < 2:
+  kernel_ndim = getattr(leaves['kernel'], 'ndim', 0)
+  if kernel_ndim < 2:
     return False
   bias = leaves.get('bias')
-  return bias is None or (getattr(bias, 'shape', None) == (kernel.shape[-1],))
+  return bias is None or 1 <= getattr(bias, 'ndim', 0) < kernel_ndim
 
 
 def is_excluded(module: str, exclude: Sequence[str]) -> bool:

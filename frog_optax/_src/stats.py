@@ -42,6 +42,35 @@ LayerGeometry = DenseGeometry | ConvGeometry
 
 
 @dataclasses.dataclass(frozen=True)
+class ParamLayout:
+  """How a module's `{'kernel', 'bias'}` map to the row-stacked form.
+
+  The row-stacked form is what the optimizers work on: a kernel whose last
+  axis is the rows (output features) and a `(rows,)` bias, as `nn.Dense` and
+  `nn.Conv` store them. `DenseGeneral` and `Einsum` kernels have several
+  input or output axes (and `Einsum` any axis order); `nn.scan` stacks every
+  parameter along leading layer axes.
+
+  Attributes:
+    stacked_axes: leading layer axes (from `nn.scan`) of the parameters and
+      of the stats; each layer is preconditioned on its own.
+    num_input_axes: `None` when the kernel is already row-stacked (Dense,
+      Conv); else the kernel, after `kernel_perm`, is `(*inputs, *outputs)`
+      with this many input axes, and is flattened to `(D_in, rows)`.
+    kernel_perm: axis order (after the stacked axes) that brings the kernel
+      to `(*inputs, *outputs)`; `None` when it already is.
+  """
+
+  stacked_axes: int = 0
+  num_input_axes: int | None = None
+  kernel_perm: tuple[int, ...] | None = None
+
+  @property
+  def is_row_stacked(self) -> bool:
+    return self == ParamLayout()
+
+
+@dataclasses.dataclass(frozen=True)
 class LayerStats:
   """Inputs and output gradients of one layer on the Fisher sample.
 
@@ -53,22 +82,28 @@ class LayerStats:
       `(n, *out_spatial, c_out)`, multiplied by the batch size so that a
       mean-reduced loss does not shrink them (every use is scale-free).
     geometry: static description of the layer's linear map.
+    layout: static description of how the module's parameters map to the
+      row-stacked form; with `layout.stacked_axes = k`, `inputs` and
+      `output_grads` have the same `k` leading layer axes as the parameters.
   """
 
   inputs: jax.Array
   output_grads: jax.Array
   geometry: LayerGeometry = dataclasses.field(metadata={'static': True})
+  layout: ParamLayout = dataclasses.field(
+    default=ParamLayout(), metadata={'static': True}
+  )
 
   @property
   def num_samples(self) -> int:
     """(example, location) pairs behind each row's Fisher: its rank bound."""
-    return math.prod(self.output_grads.shape[:-1])
+    return math.prod(self.output_grads.shape[self.layout.stacked_axes : -1])
 
 
 jax.tree_util.register_dataclass(
   LayerStats,
   data_fields=['inputs', 'output_grads'],
-  meta_fields=['geometry'],
+  meta_fields=['geometry', 'layout'],
 )
 
 

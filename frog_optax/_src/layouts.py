@@ -1,0 +1,107 @@
+"""Views of a module's parameters in the row-stacked form, and back.
+
+Every member of the family works on one layer whose kernel ends in its rows
+(output features) and whose bias is `(rows,)`. A `DenseGeneral` or `Einsum`
+kernel is brought to that form by a transpose and a reshape to
+`(D_in, rows)`; `nn.scan`-stacked modules are handled one layer at a time by
+`jax.vmap` over their leading layer axes. Both are described by the
+`ParamLayout` the capture attaches to each `LayerStats`.
+"""
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from frog_optax._src import stats as stats_lib
+
+RowParams = dict[str, jax.Array]
+
+
+def _permuted_kernel_shape(shape, layout: stats_lib.ParamLayout):
+  k = layout.stacked_axes
+  perm = layout.kernel_perm or tuple(range(len(shape) - k))
+  return shape[:k] + tuple(shape[k + p] for p in perm)
+
+
+def _full_perm(layout: stats_lib.ParamLayout) -> tuple[int, ...]:
+  k = layout.stacked_axes
+  return tuple(range(k)) + tuple(k + p for p in layout.kernel_perm)
+
+
+def row_stacked_kernel_shape(
+  shape: tuple[int, ...], layout: stats_lib.ParamLayout
+) -> tuple[int, ...] | None:
+  """The kernel shape :func:`to_row_stacked` gives; `None` if it cannot."""
+  k, n_in = layout.stacked_axes, layout.num_input_axes
+  inner_ndim = len(shape) - k
+  if inner_ndim < 2:
+    return None
+  if n_in is None:
+    return tuple(shape)
+  if layout.kernel_perm is not None and len(layout.kernel_perm) != inner_ndim:
+    return None
+  if not 0 < n_in < inner_ndim:
+    return None
+  inner = _permuted_kernel_shape(shape, layout)[k:]
+  return shape[:k] + (math.prod(inner[:n_in]), math.prod(inner[n_in:]))
+
+
+def to_row_stacked(
+  leaves: RowParams, layout: stats_lib.ParamLayout
+) -> RowParams:
+  """`{'kernel', 'bias'?}` as `(*stack, ..., rows)` and `(*stack, rows)`."""
+  if layout.num_input_axes is None:
+    return dict(leaves)
+  k = layout.stacked_axes
+  kernel = leaves['kernel']
+  if layout.kernel_perm is not None:
+    kernel = jnp.transpose(kernel, _full_perm(layout))
+  stack, inner = kernel.shape[:k], kernel.shape[k:]
+  n_in = layout.num_input_axes
+  out = {
+    'kernel': kernel.reshape(
+      stack + (math.prod(inner[:n_in]), math.prod(inner[n_in:]))
+    )
+  }
+  if 'bias' in leaves:
+    out['bias'] = leaves['bias'].reshape(stack + (-1,))
+  return out
+
+
+def from_row_stacked(
+  row_stacked: RowParams, layout: stats_lib.ParamLayout, like: RowParams
+) -> RowParams:
+  """Inverse of :func:`to_row_stacked`, with the shapes of `like`."""
+  if layout.num_input_axes is None:
+    return dict(row_stacked)
+  kernel_shape = like['kernel'].shape
+  kernel = row_stacked['kernel'].reshape(
+    _permuted_kernel_shape(kernel_shape, layout)
+  )
+  if layout.kernel_perm is not None:
+    inverse = tuple(np.argsort(_full_perm(layout)))
+    kernel = jnp.transpose(kernel, inverse)
+  out = {'kernel': kernel}
+  if 'bias' in row_stacked:
+    out['bias'] = row_stacked['bias'].reshape(like['bias'].shape)
+  return out
+
+
+def per_layer(fn: Callable[..., Any], layout: stats_lib.ParamLayout):
+  """`fn` mapped over the stacked layer axes of all its arguments."""
+  for _ in range(layout.stacked_axes):
+    fn = jax.vmap(fn)
+  return fn
+
+
+def layer_stats(stats: stats_lib.LayerStats) -> stats_lib.LayerStats:
+  """The stats of one layer of the stack (for use under :func:`per_layer`)."""
+  return stats_lib.LayerStats(
+    inputs=stats.inputs,
+    output_grads=stats.output_grads,
+    geometry=stats.geometry,
+  )
