@@ -1,6 +1,7 @@
 """frog_optax: FROG (Fisher ROw-wise preconditioninG) for JAX/Optax/Flax."""
 
 from frog_optax import linen
+from frog_optax import nnx
 from frog_optax._src.adafisher import AdaFisherLayerState
 from frog_optax._src.adafisher import adafisher
 from frog_optax._src.adafisher import adafisherw
@@ -49,6 +50,7 @@ __all__ = (
   'frog_param_labels',
   'kfrog',
   'linen',
+  'nnx',
   'precondition_layer',
   'preconditioned_modules',
   'reference_fallback',

@@ -193,9 +193,9 @@ def scale_by_row_preconditioner(
         layers[m] = layer_state
 
     def replace(path, leaf):
-      module = stats_lib.path_name(path[:-1])
+      module, name = stats_lib.module_and_leaf(path)
       if module in new_leaves:
-        return new_leaves[module][stats_lib.key_name(path[-1])]
+        return new_leaves[module][name]
       return leaf
 
     updates = jax.tree_util.tree_map_with_path(replace, updates)

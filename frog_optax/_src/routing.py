@@ -24,8 +24,8 @@ def module_leaves(tree: Any) -> dict[str, dict[str, Any]]:
   """Groups the leaves of a tree by parent path: `{module: {name: leaf}}`."""
   modules: dict[str, dict[str, Any]] = {}
   for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-    parent = stats_lib.path_name(path[:-1])
-    modules.setdefault(parent, {})[stats_lib.key_name(path[-1])] = leaf
+    parent, name = stats_lib.module_and_leaf(path)
+    modules.setdefault(parent, {})[name] = leaf
   return modules
 
 
@@ -100,7 +100,9 @@ def frog_param_labels(params: Any, exclude: Sequence[str] = ()) -> Any:
   chosen = set(preconditioned_modules(params, exclude))
   return jax.tree_util.tree_map_with_path(
     lambda path, _: (
-      PRECONDITIONED if stats_lib.path_name(path[:-1]) in chosen else FALLBACK
+      PRECONDITIONED
+      if stats_lib.module_and_leaf(path)[0] in chosen
+      else FALLBACK
     ),
     params,
   )

@@ -120,6 +120,25 @@ def path_name(path: tuple[Any, ...]) -> str:
   return '/'.join(key_name(k) for k in path)
 
 
+def param_path(path: tuple[Any, ...]) -> tuple[Any, ...]:
+  """A leaf's path without the `.value` of a Flax NNX `Variable`.
+
+  `nnx.Optimizer` initialises the optimizer with a state of Variables
+  (paths end in `.value`) and updates it with plain arrays; both must name
+  the same parameter.
+  """
+  last = path[-1] if path else None
+  if isinstance(last, jax.tree_util.GetAttrKey) and last.name == 'value':
+    return path[:-1]
+  return path
+
+
+def module_and_leaf(path: tuple[Any, ...]) -> tuple[str, str]:
+  """`('block/Dense_0', 'kernel')` for a parameter leaf's tree path."""
+  path = param_path(path)
+  return path_name(path[:-1]), key_name(path[-1])
+
+
 def is_stats_leaf(x: Any) -> bool:
   return x is None or isinstance(x, LayerStats)
 

@@ -1,0 +1,267 @@
+"""Flax NNX capture: one backward pass gives loss, grads and FROG stats.
+
+The NNX counterpart of :mod:`frog_optax.linen`. NNX has no method
+interceptor, so while :func:`value_and_grad` runs the user's loss, the
+`__call__` of `nnx.Linear` and `nnx.Conv` is replaced at class level (and
+restored afterwards). The replacement does what the linen interceptor does:
+it keeps the (gradient-stopped) inputs of the sampled rows and adds a zero
+perturbation to their outputs, whose gradient, from the same backward pass
+as the parameter gradients, is dLoss/d(outputs).
+
+Other threads are not affected: the replacement captures only inside this
+thread's :func:`value_and_grad`. Lifted NNX transforms inside the model
+(`nnx.scan`, `nnx.remat`, `nnx.vmap`) are not supported: their layers would
+be traced apart from the loss.
+
+Example:
+  >>> import jax.numpy as jnp, frog_optax as fo
+  >>> from flax import nnx
+  >>> model = nnx.Linear(4, 3, rngs=nnx.Rngs(0))
+  >>> optimizer = nnx.Optimizer(model, fo.frog(0.1), wrt=nnx.Param)
+  >>> loss_fn = lambda model, x: jnp.mean(model(x) ** 2)
+  >>> loss, grads, stats = fo.nnx.value_and_grad(
+  ...     loss_fn, sample_size=4)(model, jnp.ones((8, 4)))
+  >>> _ = optimizer.update(model, grads, frog_stats=stats)
+"""
+
+import contextlib
+import dataclasses
+import functools
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax import lax
+
+from frog_optax._src import capture as capture_lib
+from frog_optax._src import describe as describe_lib
+from frog_optax._src import stats as stats_lib
+from frog_optax._src import validation
+
+_CAPTURED_TYPES = (nnx.Linear, nnx.Conv)
+
+
+@dataclasses.dataclass
+class _Session:
+  """One `value_and_grad` call: how to sample, and what was seen."""
+
+  discover: bool
+  sample_size: int | None
+  rng: jax.Array | None
+  paths: dict[int, str] = dataclasses.field(default_factory=dict)
+  perturbations: dict[str, list[jax.Array]] = dataclasses.field(
+    default_factory=dict
+  )
+  shapes: dict[str, list[jax.ShapeDtypeStruct]] = dataclasses.field(
+    default_factory=dict
+  )
+  inputs: dict[str, list[jax.Array]] = dataclasses.field(default_factory=dict)
+  kinds: dict[str, tuple[Any, Any]] = dataclasses.field(default_factory=dict)
+  batch_sizes: dict[str, list[int]] = dataclasses.field(default_factory=dict)
+
+
+_local = threading.local()
+_patch_lock = threading.Lock()
+_patch_depth = 0
+
+
+def _current_session() -> _Session | None:
+  return getattr(_local, 'session', None)
+
+
+@contextlib.contextmanager
+def _session_scope(session: _Session):
+  previous = _current_session()
+  _local.session = session
+  try:
+    yield session
+  finally:
+    _local.session = previous
+
+
+def _unsupported(path: str, module: Any, why: str) -> NotImplementedError:
+  return NotImplementedError(
+    f'frog_optax cannot capture {type(module).__name__} at {path!r}: {why}.'
+    f" Exclude it with frog(..., exclude=('{path}',))."
+  )
+
+
+def _check_supported(path: str, module: Any) -> None:
+  if isinstance(module, nnx.Linear):
+    if module.dot_general is not lax.dot_general:
+      raise _unsupported(path, module, 'a custom dot_general is set')
+  else:
+    if module.conv_general_dilated is not lax.conv_general_dilated:
+      raise _unsupported(path, module, 'a custom conv_general_dilated is set')
+    if module.mask is not None:
+      raise _unsupported(path, module, 'masked kernels are not supported')
+
+
+def _capturing_call(original: Callable[..., Any]) -> Callable[..., Any]:
+  """`original` (a layer's `__call__`), plus capture inside a session."""
+
+  @functools.wraps(original)
+  def call(self, inputs, *args, **kwargs):
+    session = _current_session()
+    path = None if session is None else session.paths.get(id(self))
+    if path is None:  # outside value_and_grad, or not part of the model
+      return original(self, inputs, *args, **kwargs)
+    _check_supported(path, self)
+    y = original(self, inputs, *args, **kwargs)
+    unsupported = lambda why: _unsupported(path, self, why)
+    if inputs.ndim < 1:
+      raise unsupported('its inputs are a scalar')
+    rows = capture_lib.sample_rows(
+      inputs.shape[0], session.sample_size, session.rng
+    )
+    if isinstance(self, nnx.Conv):
+      sampled = capture_lib.sample_conv(self, inputs, y, rows, unsupported)
+    else:
+      dense = capture_lib.dense_map(inputs.ndim, unsupported)
+      sampled = capture_lib.sample_dense(inputs, y, rows, dense)
+    kind = (sampled.geometry, sampled.layout)
+    if session.kinds.setdefault(path, kind) != kind:
+      raise unsupported('its calls have different geometries')
+    session.batch_sizes.setdefault(path, []).append(inputs.shape[0])
+    calls = session.inputs.setdefault(path, [])
+    calls.append(sampled.inputs)
+    if session.discover:
+      shape = jax.ShapeDtypeStruct(sampled.perturbation_shape, y.dtype)
+      session.shapes.setdefault(path, []).append(shape)
+      return y
+    return sampled.add_perturbation(session.perturbations[path][len(calls) - 1])
+
+  return call
+
+
+@contextlib.contextmanager
+def _capturing_layers():
+  """Replaces the layers' `__call__` while any thread is capturing."""
+  global _patch_depth
+  with _patch_lock:
+    if _patch_depth == 0:
+      for cls in _CAPTURED_TYPES:
+        cls.__call__ = _capturing_call(cls.__call__)
+    _patch_depth += 1
+  try:
+    yield
+  finally:
+    with _patch_lock:
+      _patch_depth -= 1
+      if _patch_depth == 0:
+        for cls in _CAPTURED_TYPES:
+          cls.__call__ = cls.__call__.__wrapped__
+
+
+def _module_paths(model: nnx.Module) -> dict[int, str]:
+  return {
+    id(module): stats_lib.path_name(path)
+    for path, module in nnx.iter_modules(model)
+    if isinstance(module, _CAPTURED_TYPES)
+  }
+
+
+def value_and_grad(
+  fun: Callable[..., Any],
+  *,
+  sample_size: int | None,
+  has_aux: bool = False,
+  rng: jax.Array | None = None,
+) -> Callable[..., tuple[Any, Any, Any]]:
+  """Like `nnx.value_and_grad(fun)`, plus the FROG stats of captured layers.
+
+  `fun(model, *args, **kwargs)` takes the model first. One forward and one
+  backward pass compute the value, the gradients of the model's `nnx.Param`s
+  (identical to `nnx.value_and_grad`, including the updates of other state
+  such as `BatchNorm` statistics) and, for the sampled examples of each
+  `nnx.Linear`/`nnx.Conv`, their inputs and output gradients.
+
+  Args:
+    fun: the loss function; its first argument is the model.
+    sample_size: examples per batch used for the Fisher (s); `None`, or a
+      value >= the batch size, uses the whole batch.
+    has_aux: whether `fun` returns `(loss, aux)`.
+    rng: optional PRNG key: `sample_size` random rows instead of the default
+      strided rows `x[::B // s]`.
+
+  Returns:
+    A function of `(model, *args, **kwargs)` returning `(value, grads,
+    stats)`: `value` is `loss` or `(loss, aux)`, `grads` the `nnx.State` of
+    parameter gradients, `stats` a tree of nested dicts (the module paths of
+    the model) with a :class:`frog_optax.LayerStats` per captured layer and
+    `None` at other parameters. Pass it as `frog_stats` to
+    `nnx.Optimizer.update(model, grads, frog_stats=stats)`.
+
+  Example:
+    >>> import jax.numpy as jnp, frog_optax as fo
+    >>> from flax import nnx
+    >>> model = nnx.Linear(4, 3, rngs=nnx.Rngs(0))
+    >>> loss_fn = lambda model, x: model(x).sum()
+    >>> loss, grads, stats = fo.nnx.value_and_grad(
+    ...     loss_fn, sample_size=2)(model, jnp.ones((8, 4)))
+    >>> stats.output_grads.shape
+    (2, 3)
+  """
+  if sample_size is not None:
+    validation.check_positive_int('sample_size', sample_size)
+
+  def wrapped(model, *args, **kwargs):
+    def run(session, model, perturbations):
+      session.paths = _module_paths(model)
+      session.perturbations = perturbations
+      with _session_scope(session), _capturing_layers():
+        out = fun(model, *args, **kwargs)
+      loss, aux = out if has_aux else (out, None)
+      return loss, (aux, session.inputs)
+
+    # Shapes only, on a copy: the model's state is not touched.
+    discovery = _Session(True, sample_size, rng)
+    graphdef, state = nnx.split(model)
+    jax.eval_shape(
+      lambda st: run(discovery, nnx.merge(graphdef, st), {})[0], state
+    )
+    zeros = {
+      path: [jnp.zeros(s.shape, s.dtype) for s in shapes]
+      for path, shapes in discovery.shapes.items()
+    }
+    session = _Session(False, sample_size, rng)
+    (loss, (aux, inputs)), (grads, output_grads) = nnx.value_and_grad(
+      lambda m, z: run(session, m, z), argnums=(0, 1), has_aux=True
+    )(model, zeros)
+    captured = {
+      path: capture_lib.assemble(
+        path,
+        inputs[path],
+        output_grads[path],
+        session.batch_sizes[path],
+        *session.kinds[path],
+      )
+      for path in inputs
+    }
+    params = nnx.to_pure_dict(grads)
+    stats = stats_lib.stats_tree(params, captured)
+    value = (loss, aux) if has_aux else loss
+    return value, grads, stats
+
+  return wrapped
+
+
+def describe(model_or_params: Any, stats: Any, exclude=()) -> str:
+  """A table of which parameters FROG preconditions and which fall back.
+
+  Accepts the model (its `nnx.Param`s are described) or a parameter tree;
+  see :func:`frog_optax.describe`.
+  """
+  params = model_or_params
+  if isinstance(params, nnx.Module):
+    params = nnx.to_pure_dict(nnx.state(params, nnx.Param))
+  return describe_lib.describe(params, stats, exclude)
+
+
+__all__ = [
+  'describe',
+  'value_and_grad',
+]

@@ -1,0 +1,201 @@
+"""Flax NNX capture: the same stats and updates as linen on the same network."""
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import frog_optax as fo
+
+BATCH = 6
+
+
+class LinenNet(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    x = nn.relu(nn.Conv(3, (3, 3), strides=2, name='conv')(x))
+    x = x.mean(axis=(1, 2))
+    x = nn.relu(nn.Dense(4, name='hidden')(x))
+    return nn.Dense(3, name='head')(x)
+
+
+class NnxNet(nnx.Module):
+  def __init__(self, rngs):
+    self.conv = nnx.Conv(2, 3, (3, 3), strides=2, rngs=rngs)
+    self.hidden = nnx.Linear(3, 4, rngs=rngs)
+    self.head = nnx.Linear(4, 3, rngs=rngs)
+
+  def __call__(self, x):
+    x = nnx.relu(self.conv(x))
+    x = x.mean(axis=(1, 2))
+    x = nnx.relu(self.hidden(x))
+    return self.head(x)
+
+
+def _data():
+  x = jax.random.normal(jax.random.key(0), (BATCH, 7, 7, 2), jnp.float64)
+  labels = jnp.arange(BATCH) % 3
+  return x, labels
+
+
+def _cross_entropy(logits, labels):
+  return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+
+def _twin_models():
+  """A linen net and an NNX net holding the same float64 parameters."""
+  x, _ = _data()
+  linen_model = LinenNet()
+  params = linen_model.init(jax.random.key(1), x)['params']
+  params = jax.tree.map(
+    lambda a: jax.random.normal(jax.random.key(2), a.shape, jnp.float64),
+    params,
+  )
+  nnx_model = NnxNet(nnx.Rngs(0))
+  nnx.update(nnx_model, nnx.State(params))
+  return linen_model, params, nnx_model
+
+
+def test_nnx_and_linen_give_the_same_stats_and_update():
+  x, labels = _data()
+  linen_model, params, nnx_model = _twin_models()
+  apply_fn = fo.linen.capture(linen_model.apply)
+  linen_loss = lambda p: _cross_entropy(apply_fn({'params': p}, x), labels)
+  loss, grads, stats = fo.linen.value_and_grad(linen_loss, sample_size=3)(
+    params
+  )
+  tx = fo.frog(0.1, damping=1e-3, cg_iters=3, exclude='head')
+  updates, _ = tx.update(grads, tx.init(params), params, frog_stats=stats)
+  want_params = optax.apply_updates(params, updates)
+
+  nnx_loss = lambda model: _cross_entropy(model(x), labels)
+  n_loss, n_grads, n_stats = fo.nnx.value_and_grad(nnx_loss, sample_size=3)(
+    nnx_model
+  )
+  np.testing.assert_allclose(n_loss, loss, rtol=1e-13)
+  for name in ('conv', 'hidden', 'head'):
+    for field in ('inputs', 'output_grads'):
+      np.testing.assert_allclose(
+        getattr(n_stats[name], field), getattr(stats[name], field), rtol=1e-12
+      )
+    assert n_stats[name].geometry == stats[name].geometry
+  optimizer = nnx.Optimizer(
+    nnx_model,
+    fo.frog(0.1, damping=1e-3, cg_iters=3, exclude='head'),
+    wrt=nnx.Param,
+  )
+  optimizer.update(nnx_model, n_grads, frog_stats=n_stats)
+  chex.assert_trees_all_close(
+    nnx.to_pure_dict(nnx.state(nnx_model, nnx.Param)), want_params, rtol=1e-10
+  )
+
+
+class WithState(nnx.Module):
+  def __init__(self, rngs):
+    self.shared = nnx.Linear(3, 3, rngs=rngs)
+    self.norm = nnx.BatchNorm(3, rngs=rngs)
+    self.drop = nnx.Dropout(0.5, rngs=rngs)
+    self.layers = nnx.List([nnx.Linear(3, 2, rngs=rngs)])
+
+  def __call__(self, x):
+    x = self.shared(nnx.relu(self.shared(x)))
+    x = self.drop(self.norm(x))
+    return self.layers[0](x)
+
+
+def test_value_grads_and_state_updates_equal_nnx_value_and_grad():
+  x = jax.random.normal(jax.random.key(0), (BATCH, 3), jnp.float32)
+  ours_model = WithState(nnx.Rngs(0, dropout=1))
+  theirs_model = nnx.clone(ours_model)
+  loss_fn = lambda model, x: (jnp.mean(model(x) ** 2), model(x).sum())
+  value, grads, stats = fo.nnx.value_and_grad(
+    loss_fn, sample_size=2, has_aux=True
+  )(ours_model, x)
+  want_value, want_grads = nnx.value_and_grad(loss_fn, has_aux=True)(
+    theirs_model, x
+  )
+  chex.assert_trees_all_equal((value, grads), (want_value, want_grads))
+  # BatchNorm statistics and dropout RNG counters advanced the same way.
+  chex.assert_trees_all_equal(nnx.state(ours_model), nnx.state(theirs_model))
+  # `shared` is called twice per forward, twice per loss evaluation (the aux
+  # calls the model again): rows of all four calls are concatenated.
+  assert stats['shared'].inputs.shape == (4 * 2, 3)
+  assert stats['layers'][0].output_grads.shape == (2 * 2, 2)
+  assert stats['norm'] == {'scale': None, 'bias': None}
+  # Outside value_and_grad the layers are the stock ones again.
+  assert not hasattr(nnx.Linear.__call__, '__wrapped__')
+
+
+def test_jitted_train_step_with_nnx_optimizer():
+  x, labels = _data()
+  _, _, model = _twin_models()
+  eager_model = nnx.clone(model)
+  tx = fo.frog(0.05, damping=1e-3, exclude='head')
+
+  def step(model, optimizer):
+    loss_fn = lambda model: _cross_entropy(model(x), labels)
+    loss, grads, stats = fo.nnx.value_and_grad(loss_fn, sample_size=3)(model)
+    optimizer.update(model, grads, frog_stats=stats)
+    return loss
+
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  eager_optimizer = nnx.Optimizer(eager_model, tx, wrt=nnx.Param)
+  jitted = nnx.jit(step)
+  losses = [float(jitted(model, optimizer)) for _ in range(3)]
+  eager = [float(step(eager_model, eager_optimizer)) for _ in range(3)]
+  np.testing.assert_allclose(losses, eager, rtol=1e-7)
+  assert losses[-1] < losses[0]
+  chex.assert_trees_all_close(
+    nnx.state(model, nnx.Param), nnx.state(eager_model, nnx.Param), rtol=1e-6
+  )
+
+
+def test_patch_is_undone_when_the_loss_raises():
+  model = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
+
+  def loss_fn(model):
+    model(jnp.ones((4, 3)))
+    raise RuntimeError('boom')
+
+  with pytest.raises(RuntimeError, match='boom'):
+    fo.nnx.value_and_grad(loss_fn, sample_size=2)(model)
+  assert not hasattr(nnx.Linear.__call__, '__wrapped__')
+  assert not hasattr(nnx.Conv.__call__, '__wrapped__')
+
+
+def test_unsupported_layers_name_the_module():
+  class Masked(nnx.Module):
+    def __init__(self, rngs):
+      mask = jnp.ones((3, 3, 2, 3))
+      self.masked = nnx.Conv(2, 3, (3, 3), mask=mask, rngs=rngs)
+
+    def __call__(self, x):
+      return self.masked(x).sum()
+
+  model = Masked(nnx.Rngs(0))
+  with pytest.raises(NotImplementedError, match="'masked'.*exclude"):
+    fo.nnx.value_and_grad(lambda m: m(jnp.ones((2, 5, 5, 2))), sample_size=2)(
+      model
+    )
+
+
+def test_describe_accepts_the_model():
+  x, labels = _data()
+  _, _, model = _twin_models()
+  _, _, stats = fo.nnx.value_and_grad(
+    lambda m: _cross_entropy(m(x), labels), sample_size=3
+  )(model)
+  table = fo.nnx.describe(model, stats, exclude='head')
+  lines = {line.split()[0]: line for line in table.splitlines()[2:]}
+  assert 'frog' in lines['conv'] and ' 19 ' in lines['conv']  # 3·3·2 + 1
+  assert 'excluded' in lines['head']
+
+
+@pytest.mark.parametrize('sample_size', [0, 1.5])
+def test_bad_sample_size(sample_size):
+  with pytest.raises(ValueError, match='sample_size'):
+    fo.nnx.value_and_grad(lambda m: m, sample_size=sample_size)
