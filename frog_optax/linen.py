@@ -19,9 +19,7 @@ layer of the stack is preconditioned on its own. `nn.Embed` has no kernel
 and goes to the fallback.
 """
 
-import contextlib
 import dataclasses
-import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -67,21 +65,7 @@ class _Session:
   num_applies: int = 0
 
 
-_local = threading.local()
-
-
-def _current_session() -> _Session | None:
-  return getattr(_local, 'session', None)
-
-
-@contextlib.contextmanager
-def _session_scope(session: _Session):
-  previous = _current_session()
-  _local.session = session
-  try:
-    yield session
-  finally:
-    _local.session = previous
+_sessions = capture_lib.SessionSlot()
 
 
 # ----------------------------------------------------------------------------
@@ -144,7 +128,7 @@ def _sample(module, args, kwargs, x, y, rows) -> capture_lib.Sampled:
 
 def _interceptor(next_fun, args, kwargs, context):
   module = context.module
-  session = _current_session()
+  session = _sessions.current()
   if (
     session is None
     or context.method_name != '__call__'
@@ -219,7 +203,7 @@ def capture(apply_fn: Callable[..., Any]) -> Callable[..., Any]:
   """
 
   def captured_apply(variables, *args, **kwargs):
-    session = _current_session()
+    session = _sessions.current()
     if session is None:
       return apply_fn(variables, *args, **kwargs)
     user_mutable = kwargs.pop('mutable', False)
@@ -343,7 +327,7 @@ def value_and_grad(
       call_args = list(args)
       call_args[argnums] = params
       session.perturbations = perturbations
-      with _session_scope(session):
+      with _sessions.scope(session):
         out = fun(*call_args, **kwargs)
       loss, aux = out if has_aux else (out, None)
       return loss, (aux, session.collected_inputs)

@@ -63,23 +63,9 @@ class _Session:
   batch_sizes: dict[str, list[int]] = dataclasses.field(default_factory=dict)
 
 
-_local = threading.local()
+_sessions = capture_lib.SessionSlot()
 _patch_lock = threading.Lock()
 _patch_depth = 0
-
-
-def _current_session() -> _Session | None:
-  return getattr(_local, 'session', None)
-
-
-@contextlib.contextmanager
-def _session_scope(session: _Session):
-  previous = _current_session()
-  _local.session = session
-  try:
-    yield session
-  finally:
-    _local.session = previous
 
 
 def _unsupported(path: str, module: Any, why: str) -> NotImplementedError:
@@ -105,7 +91,7 @@ def _capturing_call(original: Callable[..., Any]) -> Callable[..., Any]:
 
   @functools.wraps(original)
   def call(self, inputs, *args, **kwargs):
-    session = _current_session()
+    session = _sessions.current()
     path = None if session is None else session.paths.get(id(self))
     if path is None:  # outside value_and_grad, or not part of the model
       return original(self, inputs, *args, **kwargs)
@@ -212,7 +198,7 @@ def value_and_grad(
     def run(session, model, perturbations):
       session.paths = _module_paths(model)
       session.perturbations = perturbations
-      with _session_scope(session), _capturing_layers():
+      with _sessions.scope(session), _capturing_layers():
         out = fun(model, *args, **kwargs)
       loss, aux = out if has_aux else (out, None)
       return loss, (aux, session.inputs)

@@ -10,8 +10,10 @@ whose gradient is dLoss/dy for those rows, in the matching form
 :func:`assemble` turns what each layer saw into its `LayerStats`.
 """
 
+import contextlib
 import dataclasses
 import math
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -24,6 +26,25 @@ from jax import lax
 from frog_optax._src import stats as stats_lib
 
 Unsupported = Callable[[str], Exception]  # why -> the error to raise
+
+
+class SessionSlot:
+  """This thread's current capture session (one slot per front end)."""
+
+  def __init__(self):
+    self._local = threading.local()
+
+  def current(self) -> Any:
+    return getattr(self._local, 'session', None)
+
+  @contextlib.contextmanager
+  def scope(self, session: Any):
+    previous = self.current()
+    self._local.session = session
+    try:
+      yield session
+    finally:
+      self._local.session = previous
 
 
 def as_tuple(value, n):
