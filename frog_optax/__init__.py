@@ -23,6 +23,7 @@ from frog_optax._src.routing import preconditioned_modules
 from frog_optax._src.stats import ConvGeometry
 from frog_optax._src.stats import DenseGeometry
 from frog_optax._src.stats import LayerStats
+from frog_optax._src.stats import ParamLayout
 from frog_optax._src.transform import RankDeficientFisherWarning
 from frog_optax._src.transform import ScaleByFrogState
 from frog_optax._src.transform import frog
@@ -38,6 +39,7 @@ __all__ = (
   'FoofLayerState',
   'LayerPreconditioner',
   'LayerStats',
+  'ParamLayout',
   'RankDeficientFisherWarning',
   'RowPreconditionerState',
   'ScaleByFrogState',

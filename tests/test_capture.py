@@ -249,7 +249,7 @@ def test_scan_stacked_layers_are_preconditioned_one_by_one():
         inputs=full.inputs[layer],
         output_grads=full.output_grads[layer],
         geometry=full.geometry,
-        layout=stats_lib.ParamLayout(num_input_axes=full.layout.num_input_axes),
+        layout=fo.ParamLayout(num_input_axes=full.layout.num_input_axes),
       )
       g = jax.tree.map(lambda a, i=layer: a[i], grads['layers'][name])
       u, _ = tx.update({name: g}, tx.init({name: g}), frog_stats={name: one})
