@@ -251,7 +251,6 @@ def _assemble_stats(session: _Session, output_grads: list[Any]):
       flat_grads[module],
       session.batch_sizes[module],
       *session.geometry[module],
-      lifted_hint=' Exclude it.',
     )
     for module, xs in flat_inputs.items()
   }

@@ -358,7 +358,6 @@ def assemble(
   batch_sizes: list[int],
   geometry: stats_lib.LayerGeometry,
   layout: stats_lib.ParamLayout,
-  lifted_hint: str = '',
 ) -> stats_lib.LayerStats:
   """The `LayerStats` of one layer from all its calls.
 
@@ -380,7 +379,7 @@ def assemble(
     raise NotImplementedError(
       f'{name!r} was called on inputs of different shapes'
       f' {[x.shape for x in inputs]}; FROG stats cannot be combined.'
-      + lifted_hint
+      ' Exclude it.'
     )
   dy = [d * b for d, b in zip(output_grads, batch_sizes)]
   return stats_lib.LayerStats(
