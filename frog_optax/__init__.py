@@ -6,6 +6,7 @@ from frog_optax._src.adafisher import AdaFisherLayerState
 from frog_optax._src.adafisher import adafisher
 from frog_optax._src.adafisher import adafisherw
 from frog_optax._src.adafisher import scale_by_adafisher
+from frog_optax._src.capture import UnsyncedStatsWarning
 from frog_optax._src.cg import batched_cg
 from frog_optax._src.describe import describe
 from frog_optax._src.family import LayerPreconditioner
@@ -16,6 +17,7 @@ from frog_optax._src.fisher import row_fisher_operator
 from frog_optax._src.foof import FoofLayerState
 from frog_optax._src.foof import foof
 from frog_optax._src.foof import scale_by_foof
+from frog_optax._src.guard import apply_if_finite
 from frog_optax._src.kfrog import kfrog
 from frog_optax._src.kfrog import scale_by_kfrog
 from frog_optax._src.routing import frog_param_labels
@@ -24,6 +26,7 @@ from frog_optax._src.stats import ConvGeometry
 from frog_optax._src.stats import DenseGeometry
 from frog_optax._src.stats import LayerStats
 from frog_optax._src.stats import ParamLayout
+from frog_optax._src.stats import UncapturedLayer
 from frog_optax._src.transform import RankDeficientFisherWarning
 from frog_optax._src.transform import ScaleByFrogState
 from frog_optax._src.transform import frog
@@ -43,8 +46,11 @@ __all__ = (
   'RankDeficientFisherWarning',
   'RowPreconditionerState',
   'ScaleByFrogState',
+  'UncapturedLayer',
+  'UnsyncedStatsWarning',
   'adafisher',
   'adafisherw',
+  'apply_if_finite',
   'batched_cg',
   'describe',
   'foof',

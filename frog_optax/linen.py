@@ -62,6 +62,8 @@ class _Session:
   geometry: dict[str, tuple[Any, Any]] = dataclasses.field(default_factory=dict)
   # Batch size of every call of every layer, in call order.
   batch_sizes: dict[str, list[int]] = dataclasses.field(default_factory=dict)
+  # Type names of the called modules with a kernel that cannot be captured.
+  uncaptured: dict[str, str] = dataclasses.field(default_factory=dict)
   num_applies: int = 0
 
 
@@ -126,22 +128,32 @@ def _sample(module, args, kwargs, x, y, rows) -> capture_lib.Sampled:
   return capture_lib.sample_dense(x, y, rows, dense)
 
 
+def _note_uncaptured(session: _Session, module: nn.Module) -> None:
+  """Remembers a called module with a kernel that is not captured."""
+  if module.scope is not None and module.has_variable('params', 'kernel'):
+    path = '/'.join(module.scope.path)
+    session.uncaptured.setdefault(path, type(module).__name__)
+
+
 def _interceptor(next_fun, args, kwargs, context):
   module = context.module
   session = _sessions.current()
-  if (
-    session is None
-    or context.method_name != '__call__'
-    or not _is_captured(module)
-  ):
+  if session is None or context.method_name != '__call__':
+    return next_fun(*args, **kwargs)
+  if not _is_captured(module):
+    _note_uncaptured(session, module)
     return next_fun(*args, **kwargs)
   _check_supported(module)
   x = args[0] if args else kwargs['inputs']
   y = next_fun(*args, **kwargs)
   path = '/'.join(module.scope.path)
-  if x.ndim < 1:
-    raise _unsupported(module, 'its inputs are a scalar')
-  rows = capture_lib.sample_rows(x.shape[0], session.sample_size, session.rng)
+  rows = capture_lib.rows_of(
+    x,
+    session.sample_size,
+    session.rng,
+    f'{type(module).__name__} at {path!r}',
+    lambda why: _unsupported(module, why),
+  )
   sampled = _sample(module, args, kwargs, x, y, rows)
   kind = (sampled.geometry, sampled.layout)
   if session.geometry.setdefault(path, kind) != kind:
@@ -227,7 +239,7 @@ def capture(apply_fn: Callable[..., Any]) -> Callable[..., Any]:
   return captured_apply
 
 
-def _assemble_stats(session: _Session, output_grads: list[Any]):
+def _assemble_stats(session: _Session, output_grads: list[Any], axis_name):
   """`{module_path: LayerStats}` from all apply calls and call sites."""
   flat_inputs: dict[str, list[jax.Array]] = {}
   flat_grads: dict[str, list[jax.Array]] = {}
@@ -245,12 +257,15 @@ def _assemble_stats(session: _Session, output_grads: list[Any]):
       module = stats_lib.path_name(path[:-1])
       flat_grads.setdefault(module, []).append(leaf)
   return {
-    module: capture_lib.assemble(
-      module,
-      xs,
-      flat_grads[module],
-      session.batch_sizes[module],
-      *session.geometry[module],
+    module: capture_lib.gather_samples(
+      capture_lib.assemble(
+        module,
+        xs,
+        flat_grads[module],
+        session.batch_sizes[module],
+        *session.geometry[module],
+      ),
+      axis_name,
     )
     for module, xs in flat_inputs.items()
   }
@@ -277,6 +292,7 @@ def value_and_grad(
   sample_size: int | None,
   has_aux: bool = False,
   rng: jax.Array | None = None,
+  axis_name: Any = None,
 ) -> Callable[..., tuple[Any, Any, Any]]:
   """Like `jax.value_and_grad`, plus the FROG stats of captured layers.
 
@@ -296,6 +312,14 @@ def value_and_grad(
       Strided rows stay on their device when the batch axis is sharded
       (let `sample_size` divide the batch and the device count divide
       `sample_size`); random rows are gathered across devices.
+    axis_name: under `jax.pmap` or `jax.shard_map` with per-replica
+      batches, the name of the data-parallel axis: the sampled inputs and
+      output gradients of all replicas are gathered along it
+      (`lax.all_gather`), so every replica holds the same stats and, with
+      gradients averaged by `lax.pmean`, computes the same update. Each
+      replica samples `sample_size` of its own examples. Without it, inside
+      a named axis, a warning says so. Not needed under `jax.jit` with
+      sharded arrays (the stats are global there).
 
   Returns:
     A function returning `(value, grads, stats)`; `value` is `loss` or
@@ -320,6 +344,7 @@ def value_and_grad(
     raise ValueError(f'argnums must be a single int; got {argnums!r}.')
 
   def wrapped(*args, **kwargs):
+    capture_lib.check_axis_name(axis_name)
     params = args[argnums]
 
     def run(session, perturbations, params):
@@ -345,7 +370,11 @@ def value_and_grad(
     (loss, (aux, _)), (grads, output_grads) = jax.value_and_grad(
       lambda p, z: run(session, z, p), argnums=(0, 1), has_aux=True
     )(params, zeros)
-    stats = stats_lib.stats_tree(params, _assemble_stats(session, output_grads))
+    stats = stats_lib.stats_tree(
+      params,
+      _assemble_stats(session, output_grads, axis_name),
+      session.uncaptured,
+    )
     value = (loss, aux) if has_aux else loss
     return value, grads, stats
 

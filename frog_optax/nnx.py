@@ -98,10 +98,12 @@ def _capturing_call(original: Callable[..., Any]) -> Callable[..., Any]:
     _check_supported(path, self)
     y = original(self, inputs, *args, **kwargs)
     unsupported = lambda why: _unsupported(path, self, why)
-    if inputs.ndim < 1:
-      raise unsupported('its inputs are a scalar')
-    rows = capture_lib.sample_rows(
-      inputs.shape[0], session.sample_size, session.rng
+    rows = capture_lib.rows_of(
+      inputs,
+      session.sample_size,
+      session.rng,
+      f'{type(self).__name__} at {path!r}',
+      unsupported,
     )
     if isinstance(self, nnx.Conv):
       sampled = capture_lib.sample_conv(self, inputs, y, rows, unsupported)
@@ -150,12 +152,23 @@ def _module_paths(model: nnx.Module) -> dict[int, str]:
   }
 
 
+def _uncaptured_modules(model: nnx.Module) -> dict[str, str]:
+  """`{path: type name}` of the modules with a kernel the capture skips."""
+  return {
+    stats_lib.path_name(path): type(module).__name__
+    for path, module in nnx.iter_modules(model)
+    if not isinstance(module, _CAPTURED_TYPES)
+    and isinstance(getattr(module, 'kernel', None), nnx.Param)
+  }
+
+
 def value_and_grad(
   fun: Callable[..., Any],
   *,
   sample_size: int | None,
   has_aux: bool = False,
   rng: jax.Array | None = None,
+  axis_name: Any = None,
 ) -> Callable[..., tuple[Any, Any, Any]]:
   """Like `nnx.value_and_grad(fun)`, plus the FROG stats of captured layers.
 
@@ -172,6 +185,10 @@ def value_and_grad(
     has_aux: whether `fun` returns `(loss, aux)`.
     rng: optional PRNG key: `sample_size` random rows instead of the default
       strided rows `x[::B // s]`.
+    axis_name: the data-parallel axis under `jax.pmap` or `jax.shard_map`:
+      the samples of all replicas are gathered along it, so that every
+      replica computes the same update (see
+      :func:`frog_optax.linen.value_and_grad`).
 
   Returns:
     A function of `(model, *args, **kwargs)` returning `(value, grads,
@@ -195,6 +212,8 @@ def value_and_grad(
     validation.check_positive_int('sample_size', sample_size)
 
   def wrapped(model, *args, **kwargs):
+    capture_lib.check_axis_name(axis_name)
+
     def run(session, model, perturbations):
       session.paths = _module_paths(model)
       session.perturbations = perturbations
@@ -218,17 +237,20 @@ def value_and_grad(
       lambda m, z: run(session, m, z), argnums=(0, 1), has_aux=True
     )(model, zeros)
     captured = {
-      path: capture_lib.assemble(
-        path,
-        inputs[path],
-        output_grads[path],
-        session.batch_sizes[path],
-        *session.kinds[path],
+      path: capture_lib.gather_samples(
+        capture_lib.assemble(
+          path,
+          inputs[path],
+          output_grads[path],
+          session.batch_sizes[path],
+          *session.kinds[path],
+        ),
+        axis_name,
       )
       for path in inputs
     }
     params = nnx.to_pure_dict(grads)
-    stats = stats_lib.stats_tree(params, captured)
+    stats = stats_lib.stats_tree(params, captured, _uncaptured_modules(model))
     value = (loss, aux) if has_aux else loss
     return value, grads, stats
 

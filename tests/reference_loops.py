@@ -132,16 +132,23 @@ def frog_rule(
   damping,
   k=None,
   eps=1e-10,
+  rank_damping=1.0,
   trace_normalization=True,
   step_normalization=True,
   row_blocks='exact',
 ):
-  """FROG and its ablations; `k=None` solves exactly."""
+  """FROG and its ablations; `k=None` solves exactly.
+
+  τ is `damping + rank_damping·D/N` (N = the samples behind a row's Fisher),
+  ε is relative to `max |m_j|²`, and a row whose Fisher has zero trace is
+  solved with the identity.
+  """
 
   def rule(name, rows, layer, count):
     del name, count
     dy, features, n = layer
-    r, _, d = features.shape
+    r, num_samples, d = features.shape
+    tau = damping + rank_damping * d / num_samples
     weights = np.asarray(dy, np.float64).reshape(-1, r) ** 2
     if row_blocks == 'kronecker':
       weights = np.broadcast_to(weights.mean(axis=0), weights.shape)
@@ -150,14 +157,16 @@ def frog_rule(
       a = features[j]
       f = (a * weights[:, j : j + 1]).T @ a / n
       if trace_normalization:
-        f = f / (np.trace(f) / d)
-      f = f + damping * np.eye(d)
+        trace = np.trace(f)
+        f = f / (trace / d) if trace > 0 else np.eye(d)
+      f = f + tau * np.eye(d)
       if k is None:
         z = np.linalg.solve(f, rows[j])
       else:
         z = explicit.textbook_cg(f, rows[j], k)
       if step_normalization:
-        z = z / np.sqrt(z @ rows[j] + eps)
+        peak = np.abs(rows[j]).max()
+        z = z / np.sqrt(z @ rows[j] + eps * peak**2)
       out.append(z)
     return np.stack(out)
 

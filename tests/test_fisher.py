@@ -94,7 +94,8 @@ def test_operator_is_invariant_to_output_grad_scale():
   np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
 
 
-def test_zero_statistics_leave_only_damping():
+def test_zero_statistics_give_identity_rows():
+  """A row without curvature gets the mean eigenvalue (1) plus damping."""
   stats, params, _ = make_layer(LAYERS[1], True)
   zero = fo.LayerStats(
     jnp.zeros_like(stats.inputs),
@@ -107,4 +108,5 @@ def test_zero_statistics_leave_only_damping():
     True,
   )
   assert np.all(np.isfinite(got))
-  np.testing.assert_allclose(got, DAMPING * np.eye(got.shape[0]), atol=1e-15)
+  want = (1.0 + DAMPING) * np.eye(got.shape[0])
+  np.testing.assert_allclose(got, want, atol=1e-15)

@@ -51,11 +51,12 @@ def test_matches_reference_loop(nesterov):
 
 
 @pytest.mark.parametrize(
-  'dtype, tol', [(jnp.float64, 1e-5), (jnp.float32, 1e-4)]
+  'dtype, tol', [(jnp.float64, 1e-6), (jnp.float32, 1e-4)]
 )
 def test_update_invariant_to_loss_scale(dtype, tol):
-  # float32 gradients of the scaled loss differ by rounding (~1e-7), which
-  # CG amplifies by the row condition number; float64 shows the algorithm.
+  # The loss is reduced in float32, so gradients of the scaled loss differ by
+  # rounding (~1e-7), which CG amplifies by the row condition number; errors
+  # are measured relative to each leaf's largest entry.
   params, grads, stats = models.grads_and_stats(dtype=dtype)
   _, grads_big, stats_big = models.grads_and_stats(dtype=dtype, scale=1e3)
   tx = fo.scale_by_frog(exclude='head')
@@ -63,10 +64,7 @@ def test_update_invariant_to_loss_scale(dtype, tol):
   u_big, _ = tx.update(grads_big, tx.init(params), frog_stats=stats_big)
   for name in ('Conv_0', 'Conv_1'):
     for a, b in zip(jax.tree.leaves(u_big[name]), jax.tree.leaves(u[name])):
-      if dtype == jnp.float64:
-        np.testing.assert_allclose(a, b, rtol=tol)
-      else:  # relative to the largest entry: small entries carry rounding
-        assert np.abs(a - b).max() <= tol * np.abs(b).max()
+      assert np.abs(a - b).max() <= tol * np.abs(b).max()
   # Parameters FROG does not touch pass through unchanged, hence scaled.
   chex.assert_trees_all_close(
     u_big['head'], jax.tree.map(lambda g: 1e3 * g, grads['head']), rtol=1e-4
@@ -274,21 +272,35 @@ def test_zero_activations_stay_finite():
     assert np.all(np.isfinite(leaf))
 
 
-def test_rank_deficient_fisher_warns_and_stays_finite():
+def test_rank_deficient_fisher_warns_only_without_rank_damping():
   # Dense head: D = 5 > s = 2 samples.
   params, grads, stats = models.grads_and_stats(sample_size=2)
   assert stats['head'].output_grads.shape[0] < params['head']['kernel'].shape[0]
-  tx = fo.frog(0.1, damping=0.0)
+  tx = fo.frog(0.1, damping=0.0, rank_damping=0.0)
   with pytest.warns(fo.RankDeficientFisherWarning, match="'head'.*2 samples"):
     updates, _ = tx.update(grads, tx.init(params), params, frog_stats=stats)
   for leaf in jax.tree.leaves(updates):
     assert np.all(np.isfinite(leaf))
   with warnings.catch_warnings():
     warnings.simplefilter('error', fo.RankDeficientFisherWarning)
-    # Damping >= 1e-3 (the default) is the documented remedy: no warning.
-    tx = fo.frog(0.1)
+    # The default rank_damping protects such rows: no warning.
+    tx = fo.frog(0.1, damping=0.0)
     tx.update(grads, tx.init(params), params, frog_stats=stats)
     # Conv rows count every output location: 4 images x 9 positions >= D.
     params, grads, stats = models.grads_and_stats(sample_size=4)
-    tx = fo.frog(0.1, damping=0.0, exclude='head')
+    tx = fo.frog(0.1, damping=0.0, rank_damping=0.0, exclude='head')
     tx.update(grads, tx.init(params), params, frog_stats=stats)
+
+
+def test_no_rank_warning_under_inject_hyperparams():
+  # The damping is traced there; it used to warn "got JitTracer(...)".
+  params, grads, stats = models.grads_and_stats(sample_size=2)
+  tx = optax.inject_hyperparams(fo.frog, static_args=('cg_iters',))(
+    learning_rate=0.1
+  )
+  with warnings.catch_warnings():
+    warnings.simplefilter('error')
+    step = jax.jit(lambda g, s, p, st: tx.update(g, s, p, frog_stats=st))
+    updates, _ = step(grads, tx.init(params), params, stats)
+  for leaf in jax.tree.leaves(updates):
+    assert np.all(np.isfinite(leaf))

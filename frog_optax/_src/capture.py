@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import math
 import threading
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -57,6 +58,25 @@ def as_tuple(value, n):
 
 # ----------------------------------------------------------------------------
 # Rows of the batch.
+
+
+def rows_of(
+  x: jax.Array,
+  sample_size: int | None,
+  rng: jax.Array | None,
+  where: str,
+  unsupported: Unsupported,
+) -> jax.Array | slice:
+  """The sampled rows of a layer's inputs `x`; `where` names the layer."""
+  if x.ndim < 1:
+    raise unsupported('its inputs are a scalar')
+  if x.shape[0] == 0:
+    raise ValueError(
+      f'{where} was called on an empty batch (inputs of shape {x.shape}):'
+      " FROG estimates each layer's Fisher from the examples of the batch,"
+      ' so every call needs at least one example.'
+    )
+  return sample_rows(x.shape[0], sample_size, rng)
 
 
 def sample_rows(
@@ -149,8 +169,13 @@ def dense_general_map(
   num_features: int,
   unsupported: Unsupported,
 ) -> DenseMap:
-  """`nn.DenseGeneral` without batch dims: `axis` of `x` contracted."""
-  axis = tuple(a % x_ndim for a in axis)
+  """`nn.DenseGeneral` without batch dims: `axis` of `x` contracted.
+
+  Flax sorts `axis` before it builds the kernel (whose input axes follow the
+  sorted order), so the inputs are paired with the kernel in sorted order
+  whatever order the user wrote.
+  """
+  axis = tuple(sorted(a % x_ndim for a in axis))
   if 0 in axis or len(axis) == x_ndim:
     raise unsupported(
       f'it contracts axis 0 of its {x_ndim}-D inputs, so there is no batch'
@@ -365,8 +390,11 @@ def assemble(
   row-stacked form come from `nn.scan` (the same stacked layer axes as the
   parameters) and are recorded in the layout.
 
-  A mean-reduced loss scales the output gradients by 1/B: it is undone per
-  call (every use is scale-free), so that small dy² do not underflow.
+  A mean-reduced loss scales the output gradients by 1/B: they are
+  multiplied by the total batch size of all calls, one factor for every
+  call, so that a layer called on x1 and x2 weighs its samples as when
+  called once on their concatenation (a factor per call would re-weight
+  the calls against each other).
   """
   sample_ndim = (
     2
@@ -381,10 +409,65 @@ def assemble(
       f' {[x.shape for x in inputs]}; FROG stats cannot be combined.'
       ' Exclude it.'
     )
-  dy = [d * b for d, b in zip(output_grads, batch_sizes)]
+  total = sum(batch_sizes)
+  dy = [d * total for d in output_grads]
   return stats_lib.LayerStats(
     inputs=jnp.concatenate(inputs, axis=k) if len(inputs) > 1 else inputs[0],
     output_grads=jnp.concatenate(dy, axis=k) if len(dy) > 1 else dy[0],
     geometry=geometry,
     layout=dataclasses.replace(layout, stacked_axes=k),
+  )
+
+
+# ----------------------------------------------------------------------------
+# Data parallelism over a named axis (pmap, shard_map).
+
+
+class UnsyncedStatsWarning(UserWarning):
+  """The capture runs over a named axis but does not gather its stats."""
+
+
+def _bound_axis_names() -> list[Any]:
+  try:  # private JAX API: without it, no warning (nothing breaks)
+    from jax._src import core  # noqa: PLC0415
+
+    return list(core.unsafe_get_axis_names())
+  except Exception:  # noqa: BLE001
+    return []
+
+
+def check_axis_name(axis_name: Any) -> None:
+  """Warns when replicas would precondition with their own stats."""
+  if axis_name is not None:
+    return
+  names = _bound_axis_names()
+  if names:
+    warnings.warn(
+      f'value_and_grad runs inside the named axes {names} (pmap, shard_map'
+      ' or a named vmap) without axis_name: each replica captures its own'
+      ' sample, so replicas that average their gradients still'
+      ' precondition differently and drift apart. Pass'
+      f' value_and_grad(..., axis_name={names[0]!r}) to gather the samples'
+      ' of all replicas.',
+      UnsyncedStatsWarning,
+      stacklevel=4,
+    )
+
+
+def gather_samples(
+  layer_stats: stats_lib.LayerStats, axis_name: Any
+) -> stats_lib.LayerStats:
+  """The samples of every replica along `axis_name`, in replica order.
+
+  Every replica then holds the same stats (bit for bit), so with averaged
+  gradients every replica computes the same update.
+  """
+  if axis_name is None:
+    return layer_stats
+  k = layer_stats.layout.stacked_axes
+  gather = lambda a: lax.all_gather(a, axis_name, axis=k, tiled=True)
+  return dataclasses.replace(
+    layer_stats,
+    inputs=gather(layer_stats.inputs),
+    output_grads=gather(layer_stats.output_grads),
   )

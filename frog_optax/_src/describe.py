@@ -59,7 +59,7 @@ def describe_rows(
       else:
         entry['route'] = 'frog'
         entry['why'] = (
-          'rank-deficient Fisher (samples < D)'
+          'rank-deficient Fisher (samples < D): rank_damping·D/samples applies'
           if entry['samples'] < entry['row_size']
           else ''
         )

@@ -56,20 +56,72 @@ class RowPreconditionerState(NamedTuple):
 
 
 def _check_layer_shapes(name, layer_stats, leaves):
+  """Stats must describe these parameters: rows, inputs and layer kind."""
   layout = layer_stats.layout
+  geometry = layer_stats.geometry
+  k = layout.stacked_axes
   kernel_shape = leaves['kernel'].shape
+  x_shape = layer_stats.inputs.shape
   dy_shape = layer_stats.output_grads.shape
   row_stacked = layouts.row_stacked_kernel_shape(kernel_shape, layout)
-  if (
-    row_stacked is None
-    or row_stacked[-1] != dy_shape[-1]
-    or row_stacked[: layout.stacked_axes] != dy_shape[: layout.stacked_axes]
-  ):
+
+  def fail(why):
     raise ValueError(
-      f'frog_stats for {name!r} has output gradients of shape {dy_shape}'
-      f' (layout {layout}) but its kernel has shape {kernel_shape}: the'
-      ' stats do not belong to these parameters.'
+      f'frog_stats for {name!r} do not belong to its parameters: {why}'
+      f' (kernel {kernel_shape}, stats inputs {x_shape}, output gradients'
+      f' {dy_shape}, {type(geometry).__name__}, layout {layout}). Pass the'
+      ' stats that value_and_grad returned for the same model.'
     )
+
+  if row_stacked is None:
+    fail('the layout does not fit the kernel')
+  if row_stacked[-1] != dy_shape[-1] or row_stacked[:k] != dy_shape[:k]:
+    fail(f'they have {dy_shape[-1]} rows, the kernel {row_stacked[-1]}')
+  if isinstance(geometry, stats_lib.ConvGeometry):
+    ndim = geometry.num_spatial_dims + 2
+    if len(row_stacked) - k != ndim or len(x_shape) - k != ndim:
+      fail(
+        f'they are stats of a {geometry.num_spatial_dims}-D convolution'
+        f' and the kernel has {len(row_stacked) - k} axes'
+      )
+    groups = geometry.feature_group_count
+    if x_shape[-1] != row_stacked[-2] * groups or row_stacked[-1] % groups:
+      fail(
+        f'their inputs have {x_shape[-1]} channels, the kernel expects'
+        f' {row_stacked[-2]} per group × {groups} groups'
+      )
+  else:
+    if len(row_stacked) - k != 2 or len(x_shape) - k != 2:
+      fail('they are stats of a Dense layer and the kernel is not one')
+    if x_shape[-1] != row_stacked[-2]:
+      fail(
+        f'their inputs have {x_shape[-1]} features, the kernel expects'
+        f' {row_stacked[-2]}'
+      )
+
+
+def _missing_stats_error(missing, uncaptured) -> ValueError:
+  """Why modules have no stats: an uncapturable type, or no capture."""
+  lines = []
+  cannot = {m: uncaptured[m] for m in missing if m in uncaptured}
+  if cannot:
+    lines.append(
+      'frog_optax cannot capture these layers:'
+      f' {", ".join(f"{m!r} ({t})" for m, t in cannot.items())}. It'
+      ' captures nn.Dense, nn.DenseGeneral, nn.Einsum and nn.Conv (linen)'
+      ' and nnx.Linear and nnx.Conv (NNX).'
+    )
+  other = [m for m in missing if m not in cannot]
+  if other:
+    lines.append(
+      f'frog_stats has no LayerStats for {[m + "/kernel" for m in other]}:'
+      " capture them (wrap the model's apply with frog_optax.linen.capture,"
+      ' or use frog_optax.nnx.value_and_grad).'
+    )
+  lines.append(
+    f'Or route them to the fallback optimizer with exclude={tuple(missing)!r}.'
+  )
+  return ValueError(' '.join(lines))
 
 
 def _check_layout_state(name, preconditioner, row_stacked, layout, state):
@@ -135,6 +187,7 @@ def scale_by_row_preconditioner(
   def init_fn(params):
     routing.preconditioned_modules(params, exclude)  # validates `exclude`
     modules = routing.module_leaves(params)
+    validation.check_float_params(params, set(chosen_modules(modules)))
     layers = {}
     for m in chosen_modules(modules):
       layer_state = preconditioner.init(modules[m])
@@ -149,17 +202,22 @@ def scale_by_row_preconditioner(
     if frog_stats is _MISSING:
       raise ValueError(
         'This optimizer needs the keyword argument frog_stats (from'
-        ' frog_optax.linen.value_and_grad) to precondition'
-        f' {[m + "/kernel" for m in chosen][:10]}.'
+        ' frog_optax.linen.value_and_grad or frog_optax.nnx.value_and_grad)'
+        f' to precondition {[m + "/kernel" for m in chosen][:10]}: call'
+        ' tx.update(grads, state, params, frog_stats=stats). With linen,'
+        " flax.training.train_state.TrainState's apply_gradients does not"
+        ' pass it on; use frog_optax.linen.TrainState, whose'
+        ' apply_gradients(grads=..., frog_stats=...) does.'
       )
+    validation.check_float_params(updates, set(chosen))
     by_path = stats_lib.stats_by_path(frog_stats)
     missing = [m for m in chosen if m not in by_path]
     if missing:
-      raise ValueError(
-        'frog_stats has no LayerStats for the preconditioned parameters'
-        f' {[m + "/kernel" for m in missing]}. Capture these layers with'
-        ' frog_optax.linen.capture, or route them to the fallback with'
-        f' exclude={tuple(missing)!r}.'
+      uncaptured = stats_lib.stats_by_path(
+        frog_stats, stats_lib.UncapturedLayer
+      )
+      raise _missing_stats_error(
+        missing, {m: u.layer_type for m, u in uncaptured.items()}
       )
     new_leaves = {}
     layers = dict(state.layers)
@@ -212,6 +270,18 @@ def schedule_value(value: optax.ScalarOrSchedule, count: jax.Array):
   return value(count) if callable(value) else value
 
 
+def nonnegative_or_nan(value: Any) -> jax.Array:
+  """`value`, or NaN where it is negative.
+
+  For values that cannot be checked at construction (schedules, traced
+  hyper-parameters): an invalid damping must make the step visibly
+  non-finite (and skippable with :func:`frog_optax.apply_if_finite`), not
+  give a finite update of an indefinite system.
+  """
+  value = jnp.asarray(value)
+  return jnp.where(value >= 0, value, jnp.nan)
+
+
 def scaled(learning_rate: optax.ScalarOrSchedule, ratio: Any):
   """`learning_rate * ratio`, keeping schedules schedules."""
   if callable(learning_rate):
@@ -222,6 +292,29 @@ def scaled(learning_rate: optax.ScalarOrSchedule, ratio: Any):
 def solve_dtype(direction: RowParams):
   """Solves run in at least float32 (float64 stays float64)."""
   return jnp.promote_types(direction['kernel'].dtype, jnp.float32)
+
+
+def heavy_ball(
+  momentum: Any, nesterov: bool, mu_dtype: Any
+) -> optax.GradientTransformation:
+  """`optax.trace`, except that momentum 0 carries nothing between steps.
+
+  `optax.trace` computes `g + β·m`, which at β = 0 keeps a NaN or infinity
+  of one step in every later step (0·inf = nan); with β = 0 the direction
+  is the gradient alone.
+  """
+  trace = optax.trace(
+    decay=momentum, nesterov=nesterov, accumulator_dtype=mu_dtype
+  )
+  if validation.is_concrete_number(momentum) and float(momentum) > 0:
+    return trace
+
+  def update_fn(updates, state, params=None):
+    forget = lambda m: jnp.where(momentum == 0, jnp.zeros_like(m), m)
+    state = state._replace(trace=jax.tree.map(forget, state.trace))
+    return trace.update(updates, state, params)
+
+  return optax.GradientTransformation(trace.init, update_fn)
 
 
 def reference_fallback(
@@ -240,7 +333,7 @@ def reference_fallback(
   """
   return optax.chain(
     optax.add_decayed_weights(weight_decay, weight_decay_mask),
-    optax.trace(decay=momentum, nesterov=nesterov, accumulator_dtype=mu_dtype),
+    heavy_ball(momentum, nesterov, mu_dtype),
     optax.scale_by_learning_rate(learning_rate),
   )
 
@@ -314,7 +407,7 @@ def heavy_ball_optimizer(
     learning_rate,
   )
   preconditioned = optax.chain(
-    optax.trace(decay=momentum, nesterov=nesterov, accumulator_dtype=mu_dtype),
+    heavy_ball(momentum, nesterov, mu_dtype),
     scale_by,
     optax.add_decayed_weights(weight_decay, weight_decay_mask),
     optax.scale_by_learning_rate(learning_rate),

@@ -16,6 +16,7 @@ solvers, the design matrix itself.
 
 from collections.abc import Callable
 from typing import Any
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -193,7 +194,8 @@ def weighted_gram_operator(
 
   `weights` broadcasts against the layer outputs: a scalar gives the
   row-independent `XᵀX` (FOOF, K-FROG), an output-shaped array gives each
-  row its own weighting of the samples (FROG's row Fishers).
+  row its own weighting of the samples (FROG's row Fishers). `damping` is a
+  scalar or one value per row.
   """
   geometry = layer_stats.geometry
   inputs = layer_stats.inputs.astype(dtype)
@@ -204,12 +206,45 @@ def weighted_gram_operator(
 
   def matvec(v: RowParams) -> RowParams:
     gram_v = transpose(weights * layer_forward(geometry, inputs, v))
+    # A per-row damping `(rows,)` broadcasts over the last (row) axis.
     return {k: gram_v[k] + damping * v[k] for k in v}
 
   return matvec
 
 
 ROW_BLOCKS = ('exact', 'kronecker')
+
+
+def row_peaks(tree: RowParams | jax.Array) -> jax.Array:
+  """max |entry| of every row (the last axis), 1 where a row is all zero.
+
+  Dividing a row by its peak brings it to [-1, 1] without changing its
+  direction: FROG's weights and steps are invariant to a positive per-row
+  scale, so this keeps squares and inner products away from float32
+  overflow (huge loss scales) and underflow (tiny ones).
+  """
+  leaves = jax.tree.leaves(tree)
+  rows = leaves[0].shape[-1]
+  peak = jnp.max(
+    jnp.stack([jnp.abs(v).reshape(-1, rows).max(axis=0) for v in leaves]),
+    axis=0,
+  )
+  return jnp.where(peak > 0, peak, jnp.ones_like(peak))
+
+
+class RowCurvature(NamedTuple):
+  """Per-sample weights of the row Fishers, and the rows without curvature.
+
+  Attributes:
+    weights: Λ, broadcasting against the layer outputs, with
+      `F_j = Xᵀ diag(Λ_{·,j}) X`.
+    identity_rows: `(rows,)`, 1 where the row's normalised Fisher is replaced
+      by the identity (its trace is zero: a dead unit, or all-zero inputs or
+      output gradients in the sample), 0 elsewhere.
+  """
+
+  weights: jax.Array
+  identity_rows: jax.Array | float
 
 
 def row_curvature(
@@ -219,22 +254,28 @@ def row_curvature(
   *,
   trace_normalization: bool = True,
   row_blocks: str = 'exact',
-) -> jax.Array:
+) -> RowCurvature:
   """Per-sample weights Λ of the row Fishers `F_j = Xᵀ diag(Λ_{·,j}) X`.
 
   `'exact'` row blocks weight sample (n, t) of row j by y²_{n,t,j}/s;
   `'kronecker'` replaces y² by its mean over the samples (K-FAC's block
   `S_jj·A`). With `trace_normalization` the weights are divided by
-  `tr(F_j)/D`, so each row Fisher has mean eigenvalue 1.
+  `tr(F_j)/D`, so each row Fisher has mean eigenvalue 1; then each row's
+  output gradients are first divided by their largest magnitude (the result
+  does not depend on it, and y² cannot overflow or underflow), and a row
+  whose trace is zero gets the identity, the mean eigenvalue of every other
+  row, so that its step is its normalised momentum instead of 0/0.
   """
   output_grads = layer_stats.output_grads.astype(dtype)
   num_rows = output_grads.shape[-1]
+  if trace_normalization:
+    output_grads = output_grads / row_peaks(output_grads)
   dy_sq = jnp.square(output_grads)
   if row_blocks == 'kronecker':
     mean = dy_sq.reshape(-1, num_rows).mean(axis=0)
     dy_sq = jnp.broadcast_to(mean, dy_sq.shape)
   if not trace_normalization:
-    return dy_sq / layer_stats.inputs.shape[0]
+    return RowCurvature(dy_sq / layer_stats.inputs.shape[0], 0.0)
   norms = patch_sq_norms(
     layer_stats.geometry,
     layer_stats.inputs.astype(dtype),
@@ -244,7 +285,10 @@ def row_curvature(
   weighted = (dy_sq * norms).reshape(-1, num_rows).sum(axis=0)
   # tr(F_j)/D up to the common 1/s, which cancels here.
   trace_per_dim = weighted / row_dimension(params_like)
-  return dy_sq / jnp.maximum(trace_per_dim, jnp.finfo(dtype).tiny)
+  flat = trace_per_dim <= 0
+  safe_trace = jnp.where(flat, jnp.ones_like(trace_per_dim), trace_per_dim)
+  weights = jnp.where(flat, 0.0, dy_sq / safe_trace)
+  return RowCurvature(weights, flat.astype(dtype))
 
 
 def row_fisher_operator(
@@ -258,10 +302,14 @@ def row_fisher_operator(
 ) -> Callable[[RowParams], RowParams]:
   """The damped, trace-normalised row-wise Fisher `A(V)` of one layer.
 
+  A row whose Fisher has zero trace (a dead unit) gets the identity in place
+  of its normalised Fisher (see :func:`row_curvature`).
+
   Args:
     layer_stats: captured inputs and output gradients of the layer.
     params_like: the layer's `{'kernel', 'bias'?}` (shapes only are used).
-    damping: τ, relative to the mean Fisher eigenvalue (a scalar).
+    damping: τ, relative to the mean Fisher eigenvalue: a scalar, or one
+      value per row (shape `(rows,)`).
     dtype: the solve dtype; statistics are cast to it.
     trace_normalization: divide each row Fisher by `tr(F_j)/D` (FROG);
       `False` is an ablation (τ is then absolute).
@@ -270,7 +318,7 @@ def row_fisher_operator(
   Returns:
     A linear function on `{'kernel', 'bias'?}` dicts of the same shapes.
   """
-  weights = row_curvature(
+  weights, identity_rows = row_curvature(
     layer_stats,
     params_like,
     dtype,
@@ -278,7 +326,7 @@ def row_fisher_operator(
     row_blocks=row_blocks,
   )
   return weighted_gram_operator(
-    layer_stats, params_like, weights, damping, dtype
+    layer_stats, params_like, weights, damping + identity_rows, dtype
   )
 
 
@@ -288,8 +336,13 @@ def row_fisher_matrices(
   dtype: Any,
   **curvature_options: Any,
 ) -> jax.Array:
-  """The undamped row Fishers of `row_fisher_operator` as `(rows, D, D)`."""
-  weights = row_curvature(layer_stats, params_like, dtype, **curvature_options)
+  """The undamped row Fishers of `row_fisher_operator` as `(rows, D, D)`.
+
+  Rows without curvature hold the identity, as in the operator.
+  """
+  weights, identity_rows = row_curvature(
+    layer_stats, params_like, dtype, **curvature_options
+  )
   kernel_shape = params_like['kernel'].shape
   patches = input_patches(
     layer_stats.geometry,
@@ -302,4 +355,6 @@ def row_fisher_matrices(
   weights = jnp.broadcast_to(weights, layer_stats.output_grads.shape)
   weights = weights.reshape(-1, groups, num_rows // groups)
   blocks = jnp.einsum('gtd,tgr,gte->grde', patches, weights, patches)
-  return blocks.reshape(num_rows, row_size, row_size)
+  blocks = blocks.reshape(num_rows, row_size, row_size)
+  eye = jnp.eye(row_size, dtype=blocks.dtype)
+  return blocks + jnp.reshape(identity_rows, (-1, 1, 1)) * eye

@@ -109,14 +109,22 @@ def frog_param_labels(params: Any, exclude: Sequence[str] = ()) -> Any:
 
 
 def _cast_to_param_dtypes() -> optax.GradientTransformation:
-  """Returns updates in the parameter dtypes (momentum may be wider)."""
+  """Returns updates in the parameter dtypes (momentum may be wider).
+
+  Integer parameters are refused at `init`: the cast would truncate every
+  update to zero.
+  """
+
+  def init_fn(params):
+    validation.check_float_params(params)
+    return optax.EmptyState()
 
   def update_fn(updates, state, params=None):
     if params is None:
       return updates, state
     return jax.tree.map(lambda u, p: u.astype(p.dtype), updates, params), state
 
-  return optax.GradientTransformation(lambda _: optax.EmptyState(), update_fn)
+  return optax.GradientTransformation(init_fn, update_fn)
 
 
 def route(

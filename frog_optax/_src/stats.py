@@ -79,8 +79,9 @@ class LayerStats:
       leading axes folded into `n`; Conv: `(n, *spatial, c_in)`, already
       padded when the layer pads by circular, reflect or causal rules.
     output_grads: dLoss/d(outputs) of the same examples, `(n, d_out)` or
-      `(n, *out_spatial, c_out)`, multiplied by the batch size so that a
-      mean-reduced loss does not shrink them (every use is scale-free).
+      `(n, *out_spatial, c_out)`, multiplied by the total batch size of the
+      layer's calls (one factor for all of them) so that a mean-reduced loss
+      does not shrink them.
     geometry: static description of the layer's linear map.
     layout: static description of how the module's parameters map to the
       row-stacked form; with `layout.stacked_axes = k`, `inputs` and
@@ -104,6 +105,26 @@ jax.tree_util.register_dataclass(
   LayerStats,
   data_fields=['inputs', 'output_grads'],
   meta_fields=['geometry', 'layout'],
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class UncapturedLayer:
+  """A stats-tree entry: a module with a kernel the capture cannot handle.
+
+  Put in place of the module's parameters (like `None`, it holds no arrays),
+  so that an optimizer asked to precondition it can say which layer type is
+  the problem.
+
+  Attributes:
+    layer_type: the module's class name, e.g. `'ConvLocal'`.
+  """
+
+  layer_type: str
+
+
+jax.tree_util.register_dataclass(
+  UncapturedLayer, data_fields=[], meta_fields=['layer_type']
 )
 
 
@@ -140,33 +161,48 @@ def module_and_leaf(path: tuple[Any, ...]) -> tuple[str, str]:
 
 
 def is_stats_leaf(x: Any) -> bool:
-  return x is None or isinstance(x, LayerStats)
+  return x is None or isinstance(x, (LayerStats, UncapturedLayer))
 
 
-def stats_by_path(stats: Any) -> dict[str, LayerStats]:
-  """Flattens a params-prefix stats tree to `{module_path: LayerStats}`."""
+def stats_by_path(stats: Any, kind: type = LayerStats) -> dict[str, Any]:
+  """Flattens a params-prefix stats tree to `{module_path: entry}`.
+
+  Args:
+    stats: the stats tree.
+    kind: the entries to keep, `LayerStats` or `UncapturedLayer`.
+  """
   flat, _ = jax.tree_util.tree_flatten_with_path(stats, is_leaf=is_stats_leaf)
   return {
-    path_name(path): leaf for path, leaf in flat if isinstance(leaf, LayerStats)
+    path_name(path): leaf for path, leaf in flat if isinstance(leaf, kind)
   }
 
 
-def stats_tree(params: Any, captured: Mapping[str, LayerStats]) -> Any:
+def stats_tree(
+  params: Any,
+  captured: Mapping[str, LayerStats],
+  uncaptured: Mapping[str, str] | None = None,
+) -> Any:
   """Builds the params-prefix tree: `LayerStats` per captured module dict.
 
   Args:
     params: the parameter tree (nested mappings of arrays).
     captured: `{module_path: LayerStats}`.
+    uncaptured: `{module_path: layer type}` of modules with a kernel that
+      the capture saw but cannot handle.
 
   Returns:
     The same nesting as `params`, with a `LayerStats` in place of each
-    captured module's `{'kernel', 'bias'}` dict and `None` at every other leaf.
+    captured module's `{'kernel', 'bias'}` dict, an `UncapturedLayer` in
+    place of each uncaptured one, and `None` at every other leaf.
   """
+  uncaptured = uncaptured or {}
 
   def build(node, prefix):
     name = '/'.join(prefix)
     if name in captured:
       return captured[name]
+    if name in uncaptured:
+      return UncapturedLayer(uncaptured[name])
     if isinstance(node, Mapping):
       return {k: build(v, prefix + (str(k),)) for k, v in node.items()}
     return None

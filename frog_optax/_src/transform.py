@@ -42,14 +42,21 @@ def precondition_layer(
   step_normalization: bool = True,
   row_blocks: str = 'exact',
 ) -> dict[str, jax.Array]:
-  """FROG's per-row update `u_j = z_j / sqrt(⟨z_j, m_j⟩ + ε)` for one layer.
+  """FROG's update of one layer: `u_j = z_j / √(⟨z_j, m_j⟩ + ε c_j²)` per row.
+
+  `c_j = max |m_j|`: the solve runs on `m_j / c_j`, so that `u` does not
+  depend on the scale of the loss even in float32, and ε is relative. A row
+  whose Fisher has zero trace (a dead unit: all its sampled inputs or output
+  gradients are zero) is solved with the identity in place of its Fisher,
+  so its step is its normalised momentum `m_j / |m_j|` (0 when `m_j = 0`).
 
   Args:
     layer_stats: the layer's captured statistics.
     direction: `{'kernel', 'bias'?}`, the momentum `m` to precondition.
-    damping: τ (a scalar).
+    damping: τ (a scalar); a negative or NaN value (possible only from a
+      schedule or a traced value) makes the update NaN.
     cg_iters: number of CG iterations k (`solver='cg'` only).
-    eps: ε in the step normalisation.
+    eps: ε in the step normalisation, relative to `max |m_j|²`.
     solver: `'cg'` (k batched CG iterations, FROG) or `'cholesky'` (the
       exact per-row solve; ablation, `rows·D²` memory).
     trace_normalization: divide each row Fisher by `tr(F_j)/D` (FROG).
@@ -65,6 +72,13 @@ def precondition_layer(
   validation.check_choice('row_blocks', row_blocks, fisher.ROW_BLOCKS)
   dtype = family.solve_dtype(direction)
   m = {k: v.astype(dtype) for k, v in direction.items()}
+  # The solve is linear in m and u is invariant to a positive scale of each
+  # row, so each row is brought to max |m_j| = 1 first: ⟨z, m⟩ can then
+  # neither overflow (huge loss scales) nor sink below ε (tiny ones), and ε
+  # is relative to the row's largest entry squared.
+  peaks = fisher.row_peaks(m)
+  m = {k: v / peaks for k, v in m.items()}
+  damping = family.nonnegative_or_nan(damping)
   curvature = dict(
     trace_normalization=trace_normalization, row_blocks=row_blocks
   )
@@ -85,8 +99,9 @@ def precondition_layer(
     # rounding so that the square root stays real.
     zm = jnp.maximum(fisher.row_inner(z, m), 0.0)
     scale = jax.lax.rsqrt(zm + eps)
-    z = {k: v * scale for k, v in z.items()}
-  return {k: z[k].astype(direction[k].dtype) for k in direction}
+  else:
+    scale = peaks
+  return {k: (z[k] * scale).astype(direction[k].dtype) for k in direction}
 
 
 class RankDeficientFisherWarning(UserWarning):
@@ -96,29 +111,41 @@ class RankDeficientFisherWarning(UserWarning):
 SAFE_RANK_DEFICIENT_DAMPING = 1e-3
 
 
-def _warn_if_rank_deficient(name, layer_stats, leaves, damping):
-  """Warns (once per trace: shapes are static) about rank-deficient rows.
+def layer_damping(damping, rank_damping: float, row_size: int, samples: int):
+  """τ + `rank_damping`·D/n: the damping one layer's row Fishers get.
 
-  Silent when damping is a number >= 1e-3, which kept every such layer
-  stable in the README's sweeps.
+  A row Fisher estimated from `n` samples in `D` dimensions has rank at most
+  `n`; the normalised estimate is shrunk towards its mean eigenvalue (the
+  identity) by the ratio D/n, as a sample covariance needs (negligible for
+  convolutions, where `n` counts examples × output positions).
   """
+  return damping + rank_damping * row_size / max(samples, 1)
+
+
+def _warn_if_rank_deficient(name, row_size, samples, damping, rank_damping):
+  """Warns (once per trace: shapes are static) about unprotected rows.
+
+  Only when the automatic `rank_damping` is off and the damping is a
+  concrete number below 1e-3; traced values (`inject_hyperparams`) and
+  schedules cannot be judged and do not warn.
+  """
+  concrete = validation.is_concrete_number
   if (
-    validation.is_concrete_number(damping)
-    and float(damping) >= SAFE_RANK_DEFICIENT_DAMPING
+    samples >= row_size
+    or not (concrete(damping) and concrete(rank_damping))
+    or float(rank_damping) > 0
+    or float(damping) >= SAFE_RANK_DEFICIENT_DAMPING
   ):
     return
-  samples = layer_stats.num_samples
-  row_size = fisher.row_dimension(leaves)
-  if samples < row_size:
-    warnings.warn(
-      f'FROG preconditions {name!r} with a Fisher estimated from {samples}'
-      f' samples for rows of D = {row_size} entries: it has rank < D, and'
-      ' directions the sample did not see are scaled by 1/damping. Exclude'
-      ' the layer (recommended for classifier heads), raise sample_size, or'
-      f' use damping >= {SAFE_RANK_DEFICIENT_DAMPING} (got {damping!r}).',
-      RankDeficientFisherWarning,
-      stacklevel=3,
-    )
+  warnings.warn(
+    f'FROG preconditions {name!r} with a Fisher estimated from {samples}'
+    f' samples for rows of D = {row_size} entries: it has rank < D, and'
+    ' directions the sample did not see are scaled by 1/damping. Keep the'
+    ' default rank_damping, exclude the layer, raise sample_size, or use'
+    f' damping >= {SAFE_RANK_DEFICIENT_DAMPING} (got {float(damping)!r}).',
+    RankDeficientFisherWarning,
+    stacklevel=3,
+  )
 
 
 def scale_by_frog(
@@ -127,6 +154,7 @@ def scale_by_frog(
   eps: float = 1e-10,
   exclude: str | Sequence[str] = (),
   *,
+  rank_damping: float = 1.0,
   solver: str = 'cg',
   trace_normalization: bool = True,
   step_normalization: bool = True,
@@ -139,12 +167,29 @@ def scale_by_frog(
   CG iterations from zero,
 
   .. math::
-    (F_j / (\operatorname{tr} F_j / D) + \tau I)\, z_j = g_j, \qquad
-    u_j = z_j / \sqrt{\langle z_j, g_j\rangle + \epsilon},
+    (F_j / (\operatorname{tr} F_j / D) + \tau_\ell I)\, z_j = g_j, \qquad
+    u_j = z_j / \sqrt{\langle z_j, g_j\rangle + \epsilon c_j^2},
 
   where `F_j` is the empirical Fisher of the row estimated from the captured
-  sample. `u` is invariant to the scale of the loss. This is the
-  preconditioning step alone; see :func:`frog` for the full optimizer.
+  sample, `c_j = max |g_j|`, and the layer's damping is
+
+  .. math::
+    \tau_\ell = \tau + \rho_{\mathrm{rank}} \cdot D / n
+
+  with `n` the (example, output position) samples behind each row Fisher
+  and `D` the row size. Its Fisher has rank at most `n`; the `D/n` term
+  shrinks it towards its mean eigenvalue as a covariance estimated from `n`
+  samples in `D` dimensions needs, so directions the sample did not see are
+  not scaled by `1/τ` (negligible for convolutions, where `n ≫ D`; decisive
+  for a Dense layer on a flattened feature map, where `D ≫ n`).
+
+  `u` is invariant to the scale of the loss, also in float32 (from 1e-5 to
+  1e30 loss scales): output gradients and `g_j` are divided by their
+  largest entry per row before they are squared, which changes nothing else.
+  A row whose Fisher has zero trace (a dead unit: its sampled inputs or
+  output gradients are all zero) is solved with the identity, so it moves
+  along its normalised gradient `g_j / |g_j|` (0 when `g_j = 0`). This is
+  the preconditioning step alone; see :func:`frog` for the full optimizer.
 
   Leaves of modules that are not Dense/Conv-like (see
   :func:`preconditioned_modules`) or that are excluded pass through unchanged;
@@ -155,12 +200,18 @@ def scale_by_frog(
 
   Args:
     damping: τ, relative to the mean eigenvalue of the normalised Fisher
-      (which is 1). A float or an optax schedule of the step count. Default
-      1e-3 (the reference's 1e-6 suits full-rank conv rows only).
+      (which is 1). A float or an optax schedule of the step count (a
+      schedule is checked at a few steps; a negative or NaN value at run
+      time makes that step's update NaN). Default 1e-3.
     cg_iters: number of CG iterations k (3-5 recommended); used by
       `solver='cg'` only.
-    eps: ε guarding the step normalisation; must be > 0.
+    eps: ε guarding the step normalisation, relative to `max |g_j|²`; must
+      be > 0.
     exclude: module paths ('/'-joined) not to precondition.
+    rank_damping: ρ_rank >= 0, the weight of the `D/n` shrinkage (default
+      1.0). 0 restores a damping of τ alone (the reference), which diverges
+      on rank-deficient layers unless τ is large; then a
+      :class:`RankDeficientFisherWarning` names such layers.
     solver: `'cg'` or `'cholesky'` (exact per-row solve, `rows·D²` memory:
       small layers only).
     trace_normalization: `False` drops the `tr(F_j)/D` normalisation, so τ
@@ -186,6 +237,7 @@ def scale_by_frog(
     (3, 2)
   """
   validation.check_range('damping', damping, low=0.0, allow_schedule=True)
+  validation.check_range('rank_damping', rank_damping, low=0.0)
   validation.check_cg_iters(cg_iters)
   validation.check_range('eps', eps, low=0.0, low_inclusive=False)
   validation.check_choice('solver', solver, SOLVERS)
@@ -195,11 +247,14 @@ def scale_by_frog(
   exclude = validation.normalize_paths('exclude', exclude)
 
   def update_layer(name, layer_stats, direction, state, count):
-    _warn_if_rank_deficient(name, layer_stats, direction, damping)
+    row_size = fisher.row_dimension(direction)
+    samples = layer_stats.num_samples
+    _warn_if_rank_deficient(name, row_size, samples, damping, rank_damping)
+    tau = family.nonnegative_or_nan(family.schedule_value(damping, count))
     u = precondition_layer(
       layer_stats,
       direction,
-      damping=family.schedule_value(damping, count),
+      damping=layer_damping(tau, rank_damping, row_size, samples),
       cg_iters=cg_iters,
       eps=eps,
       solver=solver,
@@ -223,6 +278,7 @@ def frog(
   weight_decay: float = 0.0,
   weight_decay_mask: Any = None,
   damping: optax.ScalarOrSchedule = 1e-3,
+  rank_damping: float = 1.0,
   cg_iters: int = 4,
   exclude: str | Sequence[str] = (),
   fallback: optax.GradientTransformation | None = None,
@@ -240,18 +296,32 @@ def frog(
 
   .. math::
     m_t = \beta m_{t-1} + g_t, \quad
-    z_j = \mathrm{CG}_k(F_j/(\operatorname{tr}F_j/D) + \tau I,\ m_j), \quad
+    z_j = \mathrm{CG}_k(F_j/(\operatorname{tr}F_j/D) + \tau_\ell I,\ m_j),
+    \quad
     \theta_j \leftarrow (1-\eta\rho)\theta_j - \eta\, z_j /
-      \sqrt{\langle z_j, m_j\rangle + \epsilon}.
+      \sqrt{\langle z_j, m_j\rangle + \epsilon c_j^2},
+
+  with `τ_ℓ = damping + rank_damping·D/n` per layer (`n` samples behind a
+  row Fisher of `D` entries) and `c_j = max |m_j|`; see
+  :func:`scale_by_frog` for why, and for rows without curvature.
 
   Every row moves a fixed Fisher distance η per step, whatever the gradient
-  scale, so the learning-rate schedule controls convergence. Parameters FROG
-  does not precondition (BatchNorm, embeddings, excluded layers) go to
-  `fallback`.
+  or loss scale, so the learning-rate schedule controls convergence.
+  Parameters FROG does not precondition (BatchNorm, embeddings, excluded
+  layers) go to `fallback`. With the default damping rule, every captured
+  layer can be preconditioned, classifier heads included.
+
+  A NaN or infinite gradient entry makes its row's update non-finite for
+  that step (the row is solved as one system); with `momentum=0` nothing
+  carries over to later steps. :func:`frog_optax.apply_if_finite` skips
+  steps whose gradients, stats or updates are not finite.
 
   Args:
-    learning_rate: η, a float or an optax schedule. A good start is 2-4× the
-      momentum-SGD learning rate for the same model.
+    learning_rate: η, a float or an optax schedule; a good start is 0.1
+      with a decaying schedule. η is a per-row Fisher distance, not an SGD
+      step: on small conv nets, ResNets with BatchNorm and MLPs the best
+      rate was at or below the best momentum-SGD rate of the same model,
+      never above it.
     momentum: heavy-ball momentum β in [0, 1) (like `optax.trace`). The
       reference defaults to 0; 0.9 is what its CIFAR-10 runs used.
     nesterov: use `g + β m` instead of `m`.
@@ -259,22 +329,24 @@ def frog(
     weight_decay_mask: optional mask (tree or callable) selecting the
       parameters that decay, as in `optax.add_decayed_weights`.
     damping: τ >= 0 relative to the mean Fisher eigenvalue; float or schedule.
-      Default 1e-3 (the reference uses 1e-6, which diverged in our sweeps
-      whenever a rank-deficient layer such as a classifier head was
-      preconditioned; see the README).
+      Default 1e-3.
+    rank_damping: weight of the per-layer `D/n` damping (default 1.0; 0 =
+      τ alone, as the reference, which diverges on rank-deficient layers
+      such as a Dense layer after a flatten).
     cg_iters: CG iterations k >= 1 (3-5 recommended; more fits noise). A
       Python int is unrolled; under `optax.inject_hyperparams` pass
       `static_args=('cg_iters',)` to keep it so (a traced count runs a
       `fori_loop`, which XLA:CPU executes several times slower).
     exclude: module paths ('/'-joined, e.g. `('head', 'block3/Dense_0')`)
-      sent to the fallback even when captured. Excluding the final classifier
-      is recommended.
+      sent to the fallback even when captured.
     fallback: optax transformation for parameters FROG does not precondition.
       Default: momentum SGD at `learning_rate * other_lr_ratio` with coupled
       weight decay, as the reference does.
     other_lr_ratio: learning-rate ratio of the default fallback (default
-      0.25); not allowed together with `fallback`.
-    eps: ε > 0 in the step normalisation.
+      0.25); not allowed together with `fallback`. It suits normalisation
+      parameters; an excluded classifier head learns faster with an
+      adaptive `fallback` such as `optax.adamw`.
+    eps: ε > 0 in the step normalisation, relative to `max |m_j|²`.
     mu_dtype: dtype of the momentum buffers (default: the parameter dtype);
       updates are returned in the parameter dtypes either way.
     solver: `'cg'` (FROG) or `'cholesky'` (ablation: exact per-row solve).
@@ -319,6 +391,7 @@ def frog(
   return family.heavy_ball_optimizer(
     scale_by_frog(
       damping=damping,
+      rank_damping=rank_damping,
       cg_iters=cg_iters,
       eps=eps,
       solver=solver,

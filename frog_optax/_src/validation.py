@@ -9,7 +9,10 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+
+from frog_optax._src import stats as stats_lib
 
 
 def is_concrete_number(value: Any) -> bool:
@@ -32,11 +35,29 @@ def check_range(
   high_inclusive: bool = True,
   allow_schedule: bool = False,
 ) -> None:
-  """Raises `ValueError` naming `name` when a concrete value is out of range."""
+  """Raises `ValueError` naming `name` when a concrete value is out of range.
+
+  Infinite and NaN values are always out of range. A schedule (when
+  allowed) is probed at a few step counts and must stay in range there.
+  """
+  bounds = dict(
+    low=low,
+    high=high,
+    low_inclusive=low_inclusive,
+    high_inclusive=high_inclusive,
+  )
   if callable(value):
-    if allow_schedule:
-      return
-    raise ValueError(f'{name} must be a number, not a schedule; got {value!r}.')
+    if not allow_schedule:
+      raise ValueError(
+        f'{name} must be a number, not a schedule; got {value!r}.'
+      )
+    for count, probed in _probe_schedule(value):
+      try:
+        check_range(name, probed, **bounds)
+      except ValueError as error:
+        e = str(error)
+        raise ValueError(f'{e[:-1]} at step {count} of its schedule.') from None
+    return
   if not is_concrete_number(value):
     if isinstance(value, (jax.Array, np.ndarray)) and not isinstance(
       value, jax.core.Tracer
@@ -46,16 +67,38 @@ def check_range(
       return
     raise ValueError(f'{name} must be a number; got {value!r}.')
   v = float(value)
-  lo_ok = (
-    low is None or (v >= low if low_inclusive else v > low)
-  ) and not np.isnan(v)
+  lo_ok = (low is None or (v >= low if low_inclusive else v > low)) and bool(
+    np.isfinite(v)
+  )
   hi_ok = high is None or (v <= high if high_inclusive else v < high)
   if not (lo_ok and hi_ok):
     lo = '(-inf' if low is None else ('[' if low_inclusive else '(') + f'{low}'
     hi = (
       'inf)' if high is None else f'{high}' + (']' if high_inclusive else ')')
     )
-    raise ValueError(f'{name} must be in {lo}, {hi}; got {value!r}.')
+    shown = int(value) if isinstance(value, (int, np.integer)) else v
+    raise ValueError(f'{name} must be in {lo}, {hi}; got {shown!r}.')
+
+
+_PROBE_COUNTS = (0, 1, 10, 100, 1_000, 10_000, 100_000, 1_000_000)
+
+
+def _probe_schedule(schedule):
+  """`(count, value)` of a schedule at a few counts; nothing if it fails.
+
+  A schedule that cannot run eagerly on an int32 count is left to fail (or
+  not) where optax calls it.
+  """
+  values = []
+  for count in _PROBE_COUNTS:
+    try:
+      value = schedule(np.int32(count))
+    except Exception:  # noqa: BLE001 - probing only
+      return []
+    if isinstance(value, jax.core.Tracer) or np.ndim(value) != 0:
+      return []
+    values.append((count, value))
+  return values
 
 
 def check_positive_int(name: str, value: Any) -> None:
@@ -114,4 +157,27 @@ def check_cg_iters(cg_iters):
       ' executes several times slower than the unrolled loop of a Python int.'
       " With optax.inject_hyperparams pass static_args=('cg_iters',).",
       stacklevel=3,
+    )
+
+
+def check_float_params(tree: Any, paths: Any = None) -> None:
+  """Refuses integer (or other non-float) parameters, naming them.
+
+  Args:
+    tree: parameters (or updates).
+    paths: only check leaves of these module paths (default: all).
+  """
+  bad = []
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    module, name = stats_lib.module_and_leaf(path)
+    dtype = getattr(leaf, 'dtype', None)
+    if paths is not None and module not in paths:
+      continue
+    if dtype is not None and not jnp.issubdtype(dtype, jnp.inexact):
+      bad.append(f'{module}/{name}: {dtype}')
+  if bad:
+    raise ValueError(
+      'frog_optax optimizers update floating-point parameters only; got'
+      f' {bad[:10]}. Keep integer state out of the optimised tree (for'
+      ' example in a separate Flax collection).'
     )
