@@ -77,6 +77,24 @@ class ResNetBN(nn.Module):
     return nn.Dense(10, name='head')(x.mean(axis=(1, 2)))
 
 
+class ResNet18(nn.Module):
+  """ImageNet-style ResNet-18: 7×7/2 stem, max pool, 64-512 channels.
+
+  On 28×28 inputs its last stage runs at 1×1, so those convolutions see
+  n = s samples for D = 2305 entries per row: rank-deficient.
+  """
+
+  @nn.compact
+  def __call__(self, x, train=True):
+    norm = lambda: nn.BatchNorm(use_running_average=not train)
+    x = nn.relu(norm()(nn.Conv(64, (7, 7), 2, use_bias=False)(x)))
+    x = nn.max_pool(x, (3, 3), (2, 2), 'SAME')
+    for i, features in enumerate((64, 128, 256, 512)):
+      for j in range(2):
+        x = Block(features, 2 if i and not j else 1)(x, train)
+    return nn.Dense(10, name='head')(x.mean(axis=(1, 2)))
+
+
 class MLP(nn.Module):
   @nn.compact
   def __call__(self, x, train=True):
@@ -86,11 +104,22 @@ class MLP(nn.Module):
     return nn.Dense(10, name='head')(x)
 
 
-MODELS = {'wide_head': WideHead, 'resnet_bn': ResNetBN, 'mlp': MLP}
+MODELS = {
+  'wide_head': WideHead,
+  'resnet_bn': ResNetBN,
+  'mlp': MLP,
+  'resnet18': ResNet18,
+}
 
 
 def configs(model_name):
   """`(label, optimizer settings)` of every run for one model."""
+  if model_name == 'resnet18':  # slow on a CPU: the decisive runs only
+    return [
+      dict(opt='frog', lr=0.1, rank_damping=0.0),
+      dict(opt='frog', lr=0.1, rank_damping=1.0),
+      dict(opt='sgd', lr=0.1),
+    ]
   out = []
   for lr in LEARNING_RATES:
     for rank_damping in RANK_DAMPINGS:
@@ -156,7 +185,7 @@ def summary(results, meta):
     ' cosine decay; validation = last 20% of the MNIST-10k training split.'
     ' A run whose loss became non-finite scores 0.',
   ]
-  for model_name in MODELS:
+  for model_name in dict.fromkeys(r['model'] for r in results):
     rows = [r for r in results if r['model'] == model_name]
     lines += [
       '',
@@ -189,7 +218,9 @@ def main(argv=None):
   parser.add_argument('--steps', type=int, default=200)
   parser.add_argument('--batch', type=int, default=128)
   parser.add_argument('--sample_size', type=int, default=16)
-  parser.add_argument('--models', default=','.join(MODELS))
+  parser.add_argument(
+    '--models', default='wide_head,resnet_bn,mlp', help=f'of {list(MODELS)}'
+  )
   parser.add_argument('--out', default=os.path.join(RESULTS, 'defaults_sweep'))
   args = parser.parse_args(argv)
   if not os.path.exists(args.data):

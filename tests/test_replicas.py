@@ -5,26 +5,14 @@ before jax starts) and reports how far replicas and the single-device run
 are apart.
 """
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 
-HERE = os.path.dirname(__file__)
+import subprocess_check
 
 
 @pytest.fixture(scope='module')
 def report():
-  out = subprocess.run(
-    [sys.executable, os.path.join(HERE, 'replicas_check.py')],
-    capture_output=True,
-    text=True,
-    check=True,
-    timeout=600,
-  )
-  return json.loads(out.stdout.strip().splitlines()[-1])
+  return subprocess_check.json_report('replicas_check.py')
 
 
 def test_pmap_replicas_stay_identical_with_axis_name(report):

@@ -5,27 +5,16 @@ before jax starts) and reports the update difference and the compiled
 program's collectives.
 """
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 
-HERE = os.path.dirname(__file__)
+import subprocess_check
+
 MOVES = ('all-gather', 'collective-permute', 'all-to-all')
 
 
 @pytest.fixture(scope='module')
 def report():
-  out = subprocess.run(
-    [sys.executable, os.path.join(HERE, 'sharding_check.py')],
-    capture_output=True,
-    text=True,
-    check=True,
-    timeout=600,
-  )
-  return json.loads(out.stdout.strip().splitlines()[-1])
+  return subprocess_check.json_report('sharding_check.py')
 
 
 def _float(dtype):

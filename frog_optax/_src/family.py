@@ -119,7 +119,8 @@ def _missing_stats_error(missing, uncaptured) -> ValueError:
       ' or use frog_optax.nnx.value_and_grad).'
     )
   lines.append(
-    f'Or route them to the fallback optimizer with exclude={tuple(missing)!r}.'
+    'To send them to the fallback optimizer instead, pass'
+    f' exclude={tuple(missing)!r}.'
   )
   return ValueError(' '.join(lines))
 

@@ -201,8 +201,8 @@ def scale_by_frog(
   Args:
     damping: τ, relative to the mean eigenvalue of the normalised Fisher
       (which is 1). A float or an optax schedule of the step count (a
-      schedule is checked at a few steps; a negative or NaN value at run
-      time makes that step's update NaN). Default 1e-3.
+      schedule is checked at its first steps; a negative or NaN value at a
+      later step makes that step's update NaN). Default 1e-3.
     cg_iters: number of CG iterations k (3-5 recommended); used by
       `solver='cg'` only.
     eps: ε guarding the step normalisation, relative to `max |g_j|²`; must
