@@ -125,14 +125,22 @@ def _capturing_call(original: Callable[..., Any]) -> Callable[..., Any]:
   return call
 
 
+_saved_calls: dict[type, Callable[..., Any]] = {}
+
+
 @contextlib.contextmanager
 def _capturing_layers():
-  """Replaces the layers' `__call__` while any thread is capturing."""
+  """Replaces the layers' `__call__` while any thread is capturing.
+
+  The originals are saved and put back when the last capture ends, whatever
+  other wrappers did to the class attribute in between.
+  """
   global _patch_depth
   with _patch_lock:
     if _patch_depth == 0:
       for cls in _CAPTURED_TYPES:
-        cls.__call__ = _capturing_call(cls.__call__)
+        _saved_calls[cls] = cls.__dict__['__call__']
+        cls.__call__ = _capturing_call(_saved_calls[cls])
     _patch_depth += 1
   try:
     yield
@@ -141,7 +149,7 @@ def _capturing_layers():
       _patch_depth -= 1
       if _patch_depth == 0:
         for cls in _CAPTURED_TYPES:
-          cls.__call__ = cls.__call__.__wrapped__
+          cls.__call__ = _saved_calls.pop(cls)
 
 
 def _module_paths(model: nnx.Module) -> dict[int, str]:
@@ -214,7 +222,7 @@ def value_and_grad(
   def wrapped(model, *args, **kwargs):
     capture_lib.check_axis_name(axis_name)
 
-    def run(session, model, perturbations):
+    def run(session, model, perturbations, *args, **kwargs):
       session.paths = _module_paths(model)
       session.perturbations = perturbations
       with _sessions.scope(session), _capturing_layers():
@@ -222,20 +230,27 @@ def value_and_grad(
       loss, aux = out if has_aux else (out, None)
       return loss, (aux, session.inputs)
 
-    # Shapes only, on a copy: the model's state is not touched.
+    # Shapes only, on copies: neither the model nor graph nodes among the
+    # arguments (an `nnx.Rngs` for dropout) are touched.
     discovery = _Session(True, sample_size, rng)
-    graphdef, state = nnx.split(model)
-    jax.eval_shape(
-      lambda st: run(discovery, nnx.merge(graphdef, st), {})[0], state
+    nnx.eval_shape(
+      lambda m, *a, **kw: run(discovery, m, {}, *a, **kw)[0],
+      model,
+      *args,
+      **kwargs,
     )
     zeros = {
       path: [jnp.zeros(s.shape, s.dtype) for s in shapes]
       for path, shapes in discovery.shapes.items()
     }
+    # The arguments go through nnx.value_and_grad (not a closure), so that
+    # their graph nodes are updated as nnx.value_and_grad updates them.
     session = _Session(False, sample_size, rng)
     (loss, (aux, inputs)), (grads, output_grads) = nnx.value_and_grad(
-      lambda m, z: run(session, m, z), argnums=(0, 1), has_aux=True
-    )(model, zeros)
+      lambda m, z, *a, **kw: run(session, m, z, *a, **kw),
+      argnums=(0, 1),
+      has_aux=True,
+    )(model, zeros, *args, **kwargs)
     captured = {
       path: capture_lib.gather_samples(
         capture_lib.assemble(

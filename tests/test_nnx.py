@@ -1,5 +1,7 @@
 """Flax NNX capture: the same stats and updates as linen on the same network."""
 
+import functools
+
 import chex
 import flax.linen as nn
 import jax
@@ -167,6 +169,30 @@ def test_patch_is_undone_when_the_loss_raises():
   assert not hasattr(nnx.Conv.__call__, '__wrapped__')
 
 
+def test_patch_restores_the_saved_call_after_foreign_wrappers():
+  original = nnx.Linear.__call__
+  model = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
+
+  def loss_fn(model):
+    # Another library wraps the (patched) method during the capture.
+    inner = nnx.Linear.__call__
+    nnx.Linear.__call__ = functools.wraps(inner)(
+      lambda self, *a, **k: inner(self, *a, **k)
+    )
+    return model(jnp.ones((4, 3))).sum()
+
+  try:
+    fo.nnx.value_and_grad(loss_fn, sample_size=2)(model)
+    assert nnx.Linear.__call__ is original
+    # Later captures still work.
+    _, _, stats = fo.nnx.value_and_grad(
+      lambda m: m(jnp.ones((4, 3))).sum(), sample_size=2
+    )(model)
+    assert stats.inputs.shape == (2, 3)
+  finally:
+    nnx.Linear.__call__ = original
+
+
 def test_unsupported_layers_name_the_module():
   class Masked(nnx.Module):
     def __init__(self, rngs):
@@ -199,3 +225,35 @@ def test_describe_accepts_the_model():
 def test_bad_sample_size(sample_size):
   with pytest.raises(ValueError, match='sample_size'):
     fo.nnx.value_and_grad(lambda m: m, sample_size=sample_size)
+
+
+class DropoutNet(nnx.Module):
+  """Flax's NNX MNIST pattern: dropout draws from an `nnx.Rngs` argument."""
+
+  def __init__(self, rngs):
+    self.hidden = nnx.Linear(4, 8, param_dtype=jnp.float64, rngs=rngs)
+    self.dropout = nnx.Dropout(0.5)
+    self.head = nnx.Linear(8, 3, param_dtype=jnp.float64, rngs=rngs)
+
+  def __call__(self, x, rngs):
+    return self.head(self.dropout(nnx.relu(self.hidden(x)), rngs=rngs))
+
+
+def test_a_loss_taking_rngs_matches_nnx_value_and_grad():
+  x, y = jnp.ones((BATCH, 4), jnp.float64), jnp.arange(BATCH) % 3
+  loss_fn = lambda model, x, y, rngs: _cross_entropy(model(x, rngs), y)
+  model, rngs = DropoutNet(nnx.Rngs(0)), nnx.Rngs(dropout=1)
+  twin, twin_rngs = nnx.clone(model), nnx.clone(rngs)
+  loss, grads, stats = fo.nnx.value_and_grad(loss_fn, sample_size=3)(
+    model, x, y, rngs
+  )
+  want_loss, want_grads = nnx.value_and_grad(loss_fn)(twin, x, y, twin_rngs)
+  chex.assert_trees_all_equal(
+    (loss, nnx.to_pure_dict(grads)), (want_loss, nnx.to_pure_dict(want_grads))
+  )
+  # The stream advanced exactly as nnx.value_and_grad advances it.
+  chex.assert_trees_all_equal(
+    nnx.to_pure_dict(nnx.state(rngs)), nnx.to_pure_dict(nnx.state(twin_rngs))
+  )
+  assert int(rngs.dropout.count[...]) == 1
+  assert stats['hidden'].inputs.shape == (3, 4)
