@@ -406,10 +406,11 @@ class TrainState(train_state.TrainState):
     )
 
 
-def describe(params: Any, stats: Any, exclude=()) -> str:
+def describe(params: Any, stats: Any, exclude: Any = ()) -> str:
   """A table of which parameters FROG preconditions and which fall back.
 
-  See :func:`frog_optax.describe`.
+  `exclude` is the optimizer whose routing to show (e.g. `fo.frog(...)`) or
+  the `exclude` it was built with. See :func:`frog_optax.describe`.
   """
   return describe_lib.describe(params, stats, exclude)
 

@@ -272,11 +272,13 @@ def value_and_grad(
   return wrapped
 
 
-def describe(model_or_params: Any, stats: Any, exclude=()) -> str:
+def describe(model_or_params: Any, stats: Any, exclude: Any = ()) -> str:
   """A table of which parameters FROG preconditions and which fall back.
 
-  Accepts the model (its `nnx.Param`s are described) or a parameter tree;
-  see :func:`frog_optax.describe`.
+  Accepts the model (its `nnx.Param`s are described) or a parameter tree,
+  and as `exclude` the `nnx.Optimizer` (or its transformation) whose routing
+  to show, or the `exclude` it was built with; see
+  :func:`frog_optax.describe`.
   """
   params = model_or_params
   if isinstance(params, nnx.Module):

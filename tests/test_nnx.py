@@ -221,6 +221,23 @@ def test_describe_accepts_the_model():
   assert 'excluded' in lines['head']
 
 
+def test_describe_shows_the_routing_of_the_optimizer():
+  x, labels = _data()
+  _, _, model = _twin_models()
+  _, _, stats = fo.nnx.value_and_grad(
+    lambda m: _cross_entropy(m(x), labels), sample_size=3
+  )(model)
+  optimizer = nnx.Optimizer(model, fo.frog(0.1, exclude='head'), wrt=nnx.Param)
+  for routing in (optimizer, optimizer.tx):
+    table = fo.nnx.describe(model, stats, routing)
+    lines = {line.split()[0]: line for line in table.splitlines()[2:]}
+    assert 'fallback' in lines['head'] and 'excluded' in lines['head']
+    assert 'frog' in lines['hidden']
+  wrapped = optax.inject_hyperparams(fo.frog)(learning_rate=0.1)
+  with pytest.raises(ValueError, match='pass the exclude'):
+    fo.nnx.describe(model, stats, wrapped)
+
+
 @pytest.mark.parametrize('sample_size', [0, 1.5])
 def test_bad_sample_size(sample_size):
   with pytest.raises(ValueError, match='sample_size'):

@@ -31,6 +31,7 @@ def describe_rows(
   when it is below D the row Fisher is rank-deficient and damping alone
   bounds the step in the unseen directions.
   """
+  exclude = routing.exclude_of(exclude)
   chosen = set(routing.preconditioned_modules(params, exclude))
   candidates = set(routing.preconditioned_modules(params))
   by_path = stats_lib.stats_by_path(stats)
@@ -73,7 +74,9 @@ def describe(params: Any, stats: Any, exclude: Any = ()) -> str:
   Args:
     params: the parameter tree.
     stats: the stats tree from :func:`frog_optax.linen.value_and_grad`.
-    exclude: the `exclude` passed to :func:`frog_optax.frog`.
+    exclude: the optimizer (e.g. `fo.frog(...)`, or an `nnx.Optimizer`
+      holding it), whose routing is then shown, or the `exclude` it was
+      built with.
 
   Returns:
     A plain-text table, one line per module.

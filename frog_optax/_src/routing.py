@@ -127,6 +127,37 @@ def _cast_to_param_dtypes() -> optax.GradientTransformation:
   return optax.GradientTransformation(init_fn, update_fn)
 
 
+class RoutedTransformation(optax.GradientTransformationExtraArgs):
+  """An optimizer of the family, which remembers its `exclude`.
+
+  It is the `(init, update)` pair optax expects; the extra attribute lets
+  :func:`frog_optax.describe` show the routing of the optimizer itself.
+  """
+
+  exclude: tuple[str, ...]
+
+
+def exclude_of(routing_or_exclude: Any) -> tuple[str, ...]:
+  """Module paths excluded by an optimizer, or the paths themselves.
+
+  Accepts an `exclude` value (a path or a sequence of paths), an optimizer
+  made by this library (e.g. `fo.frog(...)`), or an `nnx.Optimizer`
+  holding one.
+  """
+  value = routing_or_exclude
+  if hasattr(value, 'tx') and not isinstance(value, (str, tuple, list)):
+    value = value.tx  # nnx.Optimizer
+  if isinstance(value, RoutedTransformation):
+    return value.exclude
+  if isinstance(value, optax.GradientTransformation):
+    raise ValueError(
+      'Cannot read the routing of this transformation (it was not made by'
+      ' frog_optax, or was wrapped, e.g. by optax.inject_hyperparams or'
+      ' optax.chain); pass the exclude=... it was built with instead.'
+    )
+  return validation.normalize_paths('exclude', value)
+
+
 def route(
   preconditioned: optax.GradientTransformation,
   fallback: optax.GradientTransformation,
@@ -141,10 +172,13 @@ def route(
     raise ValueError(
       f'fallback must be an optax.GradientTransformation; got {fallback!r}.'
     )
-  return optax.chain(
+  chained = optax.chain(
     optax.partition(
       {PRECONDITIONED: preconditioned, FALLBACK: fallback},
       lambda params: frog_param_labels(params, exclude),
     ),
     _cast_to_param_dtypes(),
   )
+  routed = RoutedTransformation(chained.init, chained.update)
+  routed.exclude = tuple(exclude)
+  return routed
