@@ -2,16 +2,18 @@
 
 The NNX counterpart of :mod:`frog_optax.linen`. NNX has no method
 interceptor, so while :func:`value_and_grad` runs the user's loss, the
-`__call__` of `nnx.Linear` and `nnx.Conv` is replaced at class level (and
-restored afterwards). The replacement does what the linen interceptor does:
-it keeps the (gradient-stopped) inputs of the sampled rows and adds a zero
-perturbation to their outputs, whose gradient, from the same backward pass
-as the parameter gradients, is dLoss/d(outputs).
+`__call__` of `nnx.Linear`, `nnx.Conv`, `nnx.LinearGeneral` and `nnx.Einsum`
+(so also the projections of `nnx.MultiHeadAttention`) is replaced at class
+level (and restored afterwards). The replacement does what the linen
+interceptor does: it keeps the (gradient-stopped) inputs of the sampled
+rows and adds a zero perturbation to their outputs, whose gradient, from the
+same backward pass as the parameter gradients, is dLoss/d(outputs).
 
 Other threads are not affected: the replacement captures only inside this
 thread's :func:`value_and_grad`. Lifted NNX transforms inside the model
 (`nnx.scan`, `nnx.remat`, `nnx.vmap`) are not supported: their layers would
-be traced apart from the loss.
+be traced apart from the loss. `nnx.Embed` has no kernel and goes to the
+fallback.
 
 Example:
   >>> import jax.numpy as jnp, frog_optax as fo
@@ -41,7 +43,7 @@ from frog_optax._src import describe as describe_lib
 from frog_optax._src import stats as stats_lib
 from frog_optax._src import validation
 
-_CAPTURED_TYPES = (nnx.Linear, nnx.Conv)
+_CAPTURED_TYPES = (nnx.Linear, nnx.Conv, nnx.LinearGeneral, nnx.Einsum)
 
 
 @dataclasses.dataclass
@@ -76,14 +78,51 @@ def _unsupported(path: str, module: Any, why: str) -> NotImplementedError:
 
 
 def _check_supported(path: str, module: Any) -> None:
+  why = None
   if isinstance(module, nnx.Linear):
     if module.dot_general is not lax.dot_general:
-      raise _unsupported(path, module, 'a custom dot_general is set')
+      why = 'a custom dot_general is set'
+  elif isinstance(module, nnx.LinearGeneral):
+    if module.dot_general_cls is not None or module.dot_general not in (
+      None,
+      lax.dot_general,
+    ):
+      why = 'a custom dot_general is set'
+    elif module.batch_axis:
+      why = 'batch_axis (a batched kernel) is set'
+  elif isinstance(module, nnx.Einsum):
+    if module.einsum_op is not jnp.einsum:
+      why = 'a custom einsum_op is set'
+  elif module.conv_general_dilated is not lax.conv_general_dilated:
+    why = 'a custom conv_general_dilated is set'
+  elif module.mask is not None:
+    why = 'masked kernels are not supported'
+  if why:
+    raise _unsupported(path, module, why)
+
+
+def _sample(module, inputs, y, rows, args, kwargs, unsupported):
+  """What one call of a captured layer contributes."""
+  if isinstance(module, nnx.Conv):
+    return capture_lib.sample_conv(module, inputs, y, rows, unsupported)
+  if isinstance(module, nnx.LinearGeneral):
+    dense = capture_lib.dense_general_map(
+      inputs.ndim,
+      capture_lib.as_tuple(module.axis, 1),
+      len(module.out_features),
+      unsupported,
+    )
+  elif isinstance(module, nnx.Einsum):  # the equation may come at call time
+    einsum_str = args[0] if args else kwargs.get('einsum_str')
+    dense = capture_lib.einsum_map(
+      (einsum_str or module.einsum_str).replace(' ', ''),
+      inputs.shape,
+      tuple(module.kernel.shape),
+      unsupported,
+    )
   else:
-    if module.conv_general_dilated is not lax.conv_general_dilated:
-      raise _unsupported(path, module, 'a custom conv_general_dilated is set')
-    if module.mask is not None:
-      raise _unsupported(path, module, 'masked kernels are not supported')
+    dense = capture_lib.dense_map(inputs.ndim, unsupported)
+  return capture_lib.sample_dense(inputs, y, rows, dense)
 
 
 def _capturing_call(original: Callable[..., Any]) -> Callable[..., Any]:
@@ -105,11 +144,7 @@ def _capturing_call(original: Callable[..., Any]) -> Callable[..., Any]:
       f'{type(self).__name__} at {path!r}',
       unsupported,
     )
-    if isinstance(self, nnx.Conv):
-      sampled = capture_lib.sample_conv(self, inputs, y, rows, unsupported)
-    else:
-      dense = capture_lib.dense_map(inputs.ndim, unsupported)
-      sampled = capture_lib.sample_dense(inputs, y, rows, dense)
+    sampled = _sample(self, inputs, y, rows, args, kwargs, unsupported)
     kind = (sampled.geometry, sampled.layout)
     if session.kinds.setdefault(path, kind) != kind:
       raise unsupported('its calls have different geometries')
@@ -184,7 +219,9 @@ def value_and_grad(
   backward pass compute the value, the gradients of the model's `nnx.Param`s
   (identical to `nnx.value_and_grad`, including the updates of other state
   such as `BatchNorm` statistics) and, for the sampled examples of each
-  `nnx.Linear`/`nnx.Conv`, their inputs and output gradients.
+  `nnx.Linear`, `nnx.Conv`, `nnx.LinearGeneral` and `nnx.Einsum`, their
+  inputs and output gradients. Graph nodes among the arguments (an
+  `nnx.Rngs` for dropout) are updated as `nnx.value_and_grad` updates them.
 
   Args:
     fun: the loss function; its first argument is the model.

@@ -274,3 +274,156 @@ def test_a_loss_taking_rngs_matches_nnx_value_and_grad():
   )
   assert int(rngs.dropout.count[...]) == 1
   assert stats['hidden'].inputs.shape == (3, 4)
+
+
+# ----------------------------------------------------------------------------
+# Every captured NNX layer against its linen twin (float64).
+
+F64 = dict(param_dtype=jnp.float64)
+
+
+class _Wrap(nn.Module):
+  """A linen layer named `layer`, then a sum-pool and a fixed head."""
+
+  layer: nn.Module
+
+  @nn.compact
+  def __call__(self, x):
+    y = self.layer(x)
+    return y.reshape(y.shape[0], -1)[:, :3] * 2.0
+
+
+class _NnxWrap(nnx.Module):
+  def __init__(self, layer):
+    self.layer = layer
+
+  def __call__(self, x):
+    y = self.layer(x)
+    return y.reshape(y.shape[0], -1)[:, :3] * 2.0
+
+
+def _layer_pairs():
+  rngs = nnx.Rngs(0)
+  return {
+    'linear_general_multi_axis': (
+      nn.DenseGeneral((2, 3), axis=(-1, -2), **F64),
+      nnx.LinearGeneral((3, 4), (2, 3), axis=(-1, -2), rngs=rngs, **F64),
+      (BATCH, 3, 4),
+    ),
+    'einsum_heads': (
+      nn.Einsum((4, 2, 3), 'btd,dhk->bthk', **F64),
+      nnx.Einsum('btd,dhk->bthk', (4, 2, 3), (2, 3), rngs=rngs, **F64),
+      (BATCH, 3, 4),
+    ),
+    'attention': (
+      # The same attention function: linen's and NNX's differ by ~1e-6.
+      nn.MultiHeadDotProductAttention(
+        2, qkv_features=4, attention_fn=nnx.dot_product_attention, **F64
+      ),
+      nnx.MultiHeadAttention(
+        2, 4, qkv_features=4, decode=False, rngs=rngs, **F64
+      ),
+      (BATCH, 3, 4),
+    ),
+    'conv_circular_groups_dilation': (
+      nn.Conv(
+        4,
+        (3,),
+        padding='CIRCULAR',
+        feature_group_count=2,
+        kernel_dilation=2,
+        **F64,
+      ),
+      nnx.Conv(
+        4,
+        4,
+        (3,),
+        padding='CIRCULAR',
+        feature_group_count=2,
+        kernel_dilation=2,
+        rngs=rngs,
+        **F64,
+      ),
+      (BATCH, 6, 4),
+    ),
+    'conv_causal_strided': (
+      nn.Conv(3, (2,), strides=2, padding='CAUSAL', use_bias=False, **F64),
+      nnx.Conv(
+        2,
+        3,
+        (2,),
+        strides=2,
+        padding='CAUSAL',
+        use_bias=False,
+        rngs=rngs,
+        **F64,
+      ),
+      (BATCH, 6, 2),
+    ),
+  }
+
+
+@pytest.mark.parametrize('name', list(_layer_pairs()))
+def test_every_nnx_layer_matches_its_linen_twin(name):
+  linen_layer, nnx_layer, x_shape = _layer_pairs()[name]
+  x = jax.random.normal(jax.random.key(0), x_shape, jnp.float64)
+  labels = jnp.arange(BATCH) % 3
+  linen_model = _Wrap(linen_layer)
+  params = linen_model.init(jax.random.key(1), x)['params']
+  params = jax.tree.map(
+    lambda a: jax.random.normal(jax.random.key(2), a.shape, jnp.float64),
+    params,
+  )
+  nnx_model = _NnxWrap(nnx_layer)
+  nnx.update(nnx_model, nnx.State(params))
+  apply_fn = fo.linen.capture(linen_model.apply)
+  _, grads, stats = fo.linen.value_and_grad(
+    lambda p: _cross_entropy(apply_fn({'params': p}, x), labels),
+    sample_size=3,
+  )(params)
+  _, n_grads, n_stats = fo.nnx.value_and_grad(
+    lambda m: _cross_entropy(m(x), labels), sample_size=3
+  )(nnx_model)
+  flat = fo._src.stats.stats_by_path(stats)
+  n_flat = fo._src.stats.stats_by_path(n_stats)
+  assert set(n_flat) == set(flat) and flat
+  for path, want in flat.items():
+    got = n_flat[path]
+    assert (got.geometry, got.layout) == (want.geometry, want.layout)
+    chex.assert_trees_all_close(
+      (got.inputs, got.output_grads),
+      (want.inputs, want.output_grads),
+      rtol=1e-12,
+    )
+  tx = fo.frog(0.1, cg_iters=3)
+  updates, _ = tx.update(grads, tx.init(params), params, frog_stats=stats)
+  optimizer = nnx.Optimizer(nnx_model, fo.frog(0.1, cg_iters=3), wrt=nnx.Param)
+  optimizer.update(nnx_model, n_grads, frog_stats=n_stats)
+  chex.assert_trees_all_close(
+    nnx.to_pure_dict(nnx.state(nnx_model, nnx.Param)),
+    optax.apply_updates(params, updates),
+    rtol=1e-10,
+  )
+
+
+def test_nnx_embed_falls_back():
+  class Net(nnx.Module):
+    def __init__(self, rngs):
+      self.embed = nnx.Embed(5, 4, rngs=rngs)
+      self.head = nnx.Linear(4, 3, rngs=rngs)
+
+    def __call__(self, tokens):
+      return self.head(self.embed(tokens)).mean(axis=1)
+
+  model = Net(nnx.Rngs(0))
+  tokens = jnp.arange(12).reshape(4, 3) % 5
+  _, grads, stats = fo.nnx.value_and_grad(
+    lambda m: m(tokens).sum(), sample_size=2
+  )(model)
+  assert stats['embed'] == {'embedding': None}
+  assert stats['head'].inputs.shape == (6, 4)  # 2 examples × 3 tokens
+  optimizer = nnx.Optimizer(model, fo.frog(0.1), wrt=nnx.Param)
+  optimizer.update(model, grads, frog_stats=stats)
+  table = fo.nnx.describe(model, stats, optimizer)
+  row = next(line for line in table.splitlines() if 'embed' in line)
+  assert 'fallback' in row

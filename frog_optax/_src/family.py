@@ -109,7 +109,7 @@ def _missing_stats_error(missing, uncaptured) -> ValueError:
       'frog_optax cannot capture these layers:'
       f' {", ".join(f"{m!r} ({t})" for m, t in cannot.items())}. It'
       ' captures nn.Dense, nn.DenseGeneral, nn.Einsum and nn.Conv (linen)'
-      ' and nnx.Linear and nnx.Conv (NNX).'
+      ' and nnx.Linear, nnx.LinearGeneral, nnx.Einsum and nnx.Conv (NNX).'
     )
   other = [m for m in missing if m not in cannot]
   if other:
