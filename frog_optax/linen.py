@@ -60,8 +60,10 @@ class _Session:
   collected_perturbations: list[Any] = dataclasses.field(default_factory=list)
   # (geometry, layout) of every captured layer.
   geometry: dict[str, tuple[Any, Any]] = dataclasses.field(default_factory=dict)
-  # Batch size of every call of every layer, in call order.
-  batch_sizes: dict[str, list[int]] = dataclasses.field(default_factory=dict)
+  # {path: {(apply, call index): batch size}} of every captured layer.
+  batch_sizes: dict[str, dict[tuple[int, int], int]] = dataclasses.field(
+    default_factory=dict
+  )
   # Type names of the called modules with a kernel that cannot be captured.
   uncaptured: dict[str, str] = dataclasses.field(default_factory=dict)
   num_applies: int = 0
@@ -158,11 +160,12 @@ def _interceptor(next_fun, args, kwargs, context):
   kind = (sampled.geometry, sampled.layout)
   if session.geometry.setdefault(path, kind) != kind:
     raise _unsupported(module, 'its calls have different geometries')
-  session.batch_sizes.setdefault(path, []).append(x.shape[0])
-
   index = 0
   if module.has_variable(INPUTS, _SOW_NAME):
     index = len(module.get_variable(INPUTS, _SOW_NAME))
+  # Keyed by (apply, call): nn.scan traces its body more than once.
+  calls = session.batch_sizes.setdefault(path, {})
+  calls[session.num_applies, index] = x.shape[0]
   module.sow(INPUTS, _SOW_NAME, sampled.inputs)
   try:
     perturbation = module.variable(
@@ -262,7 +265,7 @@ def _assemble_stats(session: _Session, output_grads: list[Any], axis_name):
         module,
         xs,
         flat_grads[module],
-        session.batch_sizes[module],
+        list(session.batch_sizes[module].values()),
         *session.geometry[module],
       ),
       axis_name,

@@ -46,23 +46,39 @@ from frog_optax._src import validation
 _CAPTURED_TYPES = (nnx.Linear, nnx.Conv, nnx.LinearGeneral, nnx.Einsum)
 
 
+class FrogInputs(nnx.Variable):
+  """Capture-internal: the sampled inputs of one call of a layer."""
+
+
+class FrogPerturbation(nnx.Variable):
+  """Capture-internal: the zero perturbation of one call's sampled outputs.
+
+  Its gradient is dLoss/d(outputs) for the sampled rows.
+  """
+
+
+# Both travel as NNX Variables on the layer, so that lifted transforms in the
+# model (nnx.scan, nnx.vmap, nnx.remat) carry them in and out like any other
+# state (stacked along a scanned or vmapped axis); only static facts go
+# through the Python-side session. The layer's path is a static attribute,
+# because lifted transforms call copies of the layer.
+_PATH = '_frog_capture_path'
+_INPUTS = 'frog_inputs_'
+_PERTURBATION = 'frog_perturbation_'
+
+
 @dataclasses.dataclass
 class _Session:
-  """One `value_and_grad` call: how to sample, and what was seen."""
+  """One pass of a `value_and_grad` call: how to sample, what was seen."""
 
   discover: bool
   sample_size: int | None
   rng: jax.Array | None
-  paths: dict[int, str] = dataclasses.field(default_factory=dict)
-  perturbations: dict[str, list[jax.Array]] = dataclasses.field(
-    default_factory=dict
-  )
-  shapes: dict[str, list[jax.ShapeDtypeStruct]] = dataclasses.field(
-    default_factory=dict
-  )
-  inputs: dict[str, list[jax.Array]] = dataclasses.field(default_factory=dict)
   kinds: dict[str, tuple[Any, Any]] = dataclasses.field(default_factory=dict)
-  batch_sizes: dict[str, list[int]] = dataclasses.field(default_factory=dict)
+  # {path: {call index: batch size}}
+  batch_sizes: dict[str, dict[int, int]] = dataclasses.field(
+    default_factory=dict
+  )
 
 
 _sessions = capture_lib.SessionSlot()
@@ -131,7 +147,7 @@ def _capturing_call(original: Callable[..., Any]) -> Callable[..., Any]:
   @functools.wraps(original)
   def call(self, inputs, *args, **kwargs):
     session = _sessions.current()
-    path = None if session is None else session.paths.get(id(self))
+    path = None if session is None else getattr(self, _PATH, None)
     if path is None:  # outside value_and_grad, or not part of the model
       return original(self, inputs, *args, **kwargs)
     _check_supported(path, self)
@@ -148,14 +164,17 @@ def _capturing_call(original: Callable[..., Any]) -> Callable[..., Any]:
     kind = (sampled.geometry, sampled.layout)
     if session.kinds.setdefault(path, kind) != kind:
       raise unsupported('its calls have different geometries')
-    session.batch_sizes.setdefault(path, []).append(inputs.shape[0])
-    calls = session.inputs.setdefault(path, [])
-    calls.append(sampled.inputs)
+    # The calls already on this copy of the layer: a lifted transform may
+    # trace its body more than once, each time on a fresh copy.
+    index = sum(name.startswith(_INPUTS) for name in vars(self))
+    session.batch_sizes.setdefault(path, {})[index] = inputs.shape[0]
+    setattr(self, f'{_INPUTS}{index}', FrogInputs(sampled.inputs))
+    name = f'{_PERTURBATION}{index}'
     if session.discover:
-      shape = jax.ShapeDtypeStruct(sampled.perturbation_shape, y.dtype)
-      session.shapes.setdefault(path, []).append(shape)
+      zeros = jnp.zeros(sampled.perturbation_shape, y.dtype)
+      setattr(self, name, FrogPerturbation(zeros))
       return y
-    return sampled.add_perturbation(session.perturbations[path][len(calls) - 1])
+    return sampled.add_perturbation(getattr(self, name)[...])
 
   return call
 
@@ -187,12 +206,38 @@ def _capturing_layers():
           cls.__call__ = _saved_calls.pop(cls)
 
 
-def _module_paths(model: nnx.Module) -> dict[int, str]:
+def _captured_modules(model: nnx.Module) -> dict[str, nnx.Module]:
   return {
-    id(module): stats_lib.path_name(path)
+    stats_lib.path_name(path): module
     for path, module in nnx.iter_modules(model)
     if isinstance(module, _CAPTURED_TYPES)
   }
+
+
+@contextlib.contextmanager
+def _tagged(model: nnx.Module):
+  """Marks the model's layers with their paths; removes every trace after."""
+  modules = _captured_modules(model)
+  for path, module in modules.items():
+    setattr(module, _PATH, path)
+  try:
+    yield
+  finally:
+    for module in modules.values():
+      for name in list(vars(module)):
+        if name == _PATH or name.startswith((_INPUTS, _PERTURBATION)):
+          delattr(module, name)
+
+
+def _calls(state: nnx.State, prefix: str) -> dict[str, list[jax.Array]]:
+  """`{module path: [value of call 0, call 1, ...]}` from capture Variables."""
+  by_call: dict[str, dict[int, jax.Array]] = {}
+  for path, value in nnx.to_flat_state(state):
+    name = stats_lib.key_name(path[-1])
+    module = stats_lib.path_name(path[:-1])
+    value = value[...] if isinstance(value, nnx.Variable) else value
+    by_call.setdefault(module, {})[int(name[len(prefix) :])] = value
+  return {m: [calls[i] for i in sorted(calls)] for m, calls in by_call.items()}
 
 
 def _uncaptured_modules(model: nnx.Module) -> dict[str, str]:
@@ -259,42 +304,45 @@ def value_and_grad(
   def wrapped(model, *args, **kwargs):
     capture_lib.check_axis_name(axis_name)
 
-    def run(session, model, perturbations, *args, **kwargs):
-      session.paths = _module_paths(model)
-      session.perturbations = perturbations
+    def run(session, model, *args, **kwargs):
       with _sessions.scope(session), _capturing_layers():
         out = fun(model, *args, **kwargs)
-      loss, aux = out if has_aux else (out, None)
-      return loss, (aux, session.inputs)
+      return out if has_aux else (out, None)
 
-    # Shapes only, on copies: neither the model nor graph nodes among the
-    # arguments (an `nnx.Rngs` for dropout) are touched.
-    discovery = _Session(True, sample_size, rng)
-    nnx.eval_shape(
-      lambda m, *a, **kw: run(discovery, m, {}, *a, **kw)[0],
-      model,
-      *args,
-      **kwargs,
+    with _tagged(model):
+      # Shapes only, on copies: neither the model nor graph nodes among the
+      # arguments (an `nnx.Rngs` for dropout) are touched.
+      discovery = _Session(True, sample_size, rng)
+
+      def discover(m, *a, **kw):
+        run(discovery, m, *a, **kw)
+        return nnx.state(m, FrogPerturbation)
+
+      shapes = nnx.eval_shape(discover, model, *args, **kwargs)
+      nnx.update(
+        model, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+      )
+      # The arguments go through nnx.value_and_grad (not a closure), so that
+      # their graph nodes are updated as nnx.value_and_grad updates them.
+      session = _Session(False, sample_size, rng)
+      wrt = nnx.DiffState(0, nnx.Any(nnx.Param, FrogPerturbation))
+      (loss, aux), all_grads = nnx.value_and_grad(
+        lambda m, *a, **kw: run(session, m, *a, **kw),
+        argnums=wrt,
+        has_aux=True,
+      )(model, *args, **kwargs)
+      inputs = _calls(nnx.state(model, FrogInputs), _INPUTS)
+    perturbation_grads, grads = nnx.split_state(
+      all_grads, FrogPerturbation, ...
     )
-    zeros = {
-      path: [jnp.zeros(s.shape, s.dtype) for s in shapes]
-      for path, shapes in discovery.shapes.items()
-    }
-    # The arguments go through nnx.value_and_grad (not a closure), so that
-    # their graph nodes are updated as nnx.value_and_grad updates them.
-    session = _Session(False, sample_size, rng)
-    (loss, (aux, inputs)), (grads, output_grads) = nnx.value_and_grad(
-      lambda m, z, *a, **kw: run(session, m, z, *a, **kw),
-      argnums=(0, 1),
-      has_aux=True,
-    )(model, zeros, *args, **kwargs)
+    output_grads = _calls(perturbation_grads, _PERTURBATION)
     captured = {
       path: capture_lib.gather_samples(
         capture_lib.assemble(
           path,
           inputs[path],
           output_grads[path],
-          session.batch_sizes[path],
+          list(session.batch_sizes[path].values()),
           *session.kinds[path],
         ),
         axis_name,

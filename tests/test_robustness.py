@@ -281,7 +281,7 @@ def test_uncapturable_layer_type_is_named():
 def test_uncapturable_nnx_layer_type_is_named():
   class Net(nnx.Module):
     def __init__(self, rngs):
-      self.proj = nnx.LinearGeneral((2, 3), 4, axis=(-2, -1), rngs=rngs)
+      self.proj = nnx.ConvTranspose(2, 3, (3,), rngs=rngs)
 
     def __call__(self, x):
       return self.proj(x)
@@ -289,10 +289,10 @@ def test_uncapturable_nnx_layer_type_is_named():
   model = Net(nnx.Rngs(0))
   _, grads, stats = fo.nnx.value_and_grad(
     lambda m, x: m(x).sum(), sample_size=2
-  )(model, jnp.ones((4, 2, 3)))
+  )(model, jnp.ones((4, 5, 2)))
   tx = fo.frog(0.1)
   params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-  with pytest.raises(ValueError, match=r"'proj' \(LinearGeneral\)"):
+  with pytest.raises(ValueError, match=r"'proj' \(ConvTranspose\)"):
     tx.update(
       nnx.to_pure_dict(grads), tx.init(params), params, frog_stats=stats
     )
