@@ -10,10 +10,13 @@ rows and adds a zero perturbation to their outputs, whose gradient, from the
 same backward pass as the parameter gradients, is dLoss/d(outputs).
 
 Other threads are not affected: the replacement captures only inside this
-thread's :func:`value_and_grad`. Lifted NNX transforms inside the model
-(`nnx.scan`, `nnx.remat`, `nnx.vmap`) are not supported: their layers would
-be traced apart from the loss. `nnx.Embed` has no kernel and goes to the
-fallback.
+thread's :func:`value_and_grad`. What a call captures is kept in NNX
+Variables on the layer (:class:`FrogInputs`, :class:`FrogPerturbation`,
+removed afterwards), so layers inside `nnx.scan`, `nnx.vmap` and
+`nnx.remat` are captured too: their stats get the stacked layer axis, and
+each layer of the stack is preconditioned on its own. (A scan whose
+`nnx.StateAxes` lists Variable types must send these two to the layer axis,
+e.g. with `...: 0`.) `nnx.Embed` has no kernel and goes to the fallback.
 
 Example:
   >>> import jax.numpy as jnp, frog_optax as fo
@@ -372,6 +375,8 @@ def describe(model_or_params: Any, stats: Any, exclude: Any = ()) -> str:
 
 
 __all__ = [
+  'FrogInputs',
+  'FrogPerturbation',
   'describe',
   'value_and_grad',
 ]

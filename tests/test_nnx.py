@@ -538,3 +538,61 @@ def test_nnx_scan_and_remat_match_linen(remat):
     optax.apply_updates(params, updates),
     rtol=1e-9,
   )
+
+
+MEMBERS = 2
+
+
+class _LinenEnsemble(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    members = nn.vmap(
+      lambda module, x: module(x),
+      variable_axes={
+        'params': 0,
+        fo.linen.INPUTS: 0,
+        fo.linen.PERTURBATIONS: 0,
+      },
+      split_rngs={'params': True},
+      in_axes=None,
+      axis_size=MEMBERS,
+    )
+    return members(nn.Dense(3, name='member', **F64), x).mean(axis=0)
+
+
+class _NnxEnsemble(nnx.Module):
+  def __init__(self, rngs):
+    @nnx.split_rngs(splits=MEMBERS)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def create(rngs):
+      return nnx.Linear(4, 3, rngs=rngs, **F64)
+
+    self.member = create(rngs)
+
+  def __call__(self, x):
+    run = nnx.vmap(lambda member, x: member(x), in_axes=(0, None))
+    return run(self.member, x).mean(axis=0)
+
+
+def test_nnx_vmap_matches_linen():
+  x = jax.random.normal(jax.random.key(0), (BATCH, 4), jnp.float64)
+  labels = jnp.arange(BATCH) % 3
+  linen_model = _LinenEnsemble()
+  params = linen_model.init(jax.random.key(1), x)['params']
+  nnx_model = _NnxEnsemble(nnx.Rngs(0))
+  nnx.update(nnx_model, nnx.State(params))
+  apply_fn = fo.linen.capture(linen_model.apply)
+  _, _, stats = fo.linen.value_and_grad(
+    lambda p: _cross_entropy(apply_fn({'params': p}, x), labels),
+    sample_size=3,
+  )(params)
+  _, _, n_stats = fo.nnx.value_and_grad(
+    lambda m: _cross_entropy(m(x), labels), sample_size=3
+  )(nnx_model)
+  got, want = n_stats['member'], stats['member']
+  assert got.layout == want.layout and got.layout.stacked_axes == 1
+  chex.assert_trees_all_close(
+    (got.inputs, got.output_grads),
+    (want.inputs, want.output_grads),
+    rtol=1e-12,
+  )
