@@ -49,21 +49,12 @@ _LIFTED_HINT = (
 
 
 @dataclasses.dataclass
-class _Session:
-  """One `value_and_grad` call: how to sample, and what was seen."""
+class _Session(capture_lib.Recorder):
+  """One pass of `value_and_grad`: the shared record, plus linen's own."""
 
-  discover: bool
-  sample_size: int | None
-  rng: jax.Array | None
   perturbations: list[Any] = dataclasses.field(default_factory=list)
   collected_inputs: list[Any] = dataclasses.field(default_factory=list)
   collected_perturbations: list[Any] = dataclasses.field(default_factory=list)
-  # (geometry, layout) of every captured layer.
-  geometry: dict[str, tuple[Any, Any]] = dataclasses.field(default_factory=dict)
-  # {path: {(apply, call index): batch size}} of every captured layer.
-  batch_sizes: dict[str, dict[tuple[int, int], int]] = dataclasses.field(
-    default_factory=dict
-  )
   # Type names of the called modules with a kernel that cannot be captured.
   uncaptured: dict[str, str] = dataclasses.field(default_factory=dict)
   num_applies: int = 0
@@ -76,27 +67,27 @@ _sessions = capture_lib.SessionSlot()
 # The interceptor.
 
 
-def _unsupported(module: nn.Module, why: str) -> NotImplementedError:
+def _unsupported(module: nn.Module, why: str) -> Exception:
   path = '/'.join(module.scope.path) if module.scope else '?'
-  return NotImplementedError(
-    f'frog_optax cannot capture {type(module).__name__} at {path!r}: {why}.'
-    f" Exclude it with frog(..., exclude=('{path}',))."
-  )
+  return capture_lib.unsupported_error(type(module).__name__, path, why)
 
 
 def _check_supported(module: nn.Module) -> None:
+  why = None
   if isinstance(module, (nn.Dense, nn.DenseGeneral)):
     if module.dot_general is not None or module.dot_general_cls is not None:
-      raise _unsupported(module, 'a custom dot_general is set')
-  if isinstance(module, nn.DenseGeneral) and module.batch_dims:
-    raise _unsupported(module, 'batch_dims (a batched kernel) is set')
-  if isinstance(module, nn.Conv):
+      why = capture_lib.CUSTOM_DOT_GENERAL
+    elif isinstance(module, nn.DenseGeneral) and module.batch_dims:
+      why = capture_lib.BATCHED_KERNEL
+  elif isinstance(module, nn.Conv):
     if module.conv_general_dilated_cls is not None or (
       module.conv_general_dilated not in (None, lax.conv_general_dilated)
     ):
-      raise _unsupported(module, 'a custom conv_general_dilated is set')
-    if module.mask is not None:
-      raise _unsupported(module, 'masked kernels are not supported')
+      why = capture_lib.CUSTOM_CONV
+    elif module.mask is not None:
+      why = capture_lib.MASKED
+  if why:
+    raise _unsupported(module, why)
 
 
 def _is_captured(module: nn.Module) -> bool:
@@ -149,23 +140,16 @@ def _interceptor(next_fun, args, kwargs, context):
   x = args[0] if args else kwargs['inputs']
   y = next_fun(*args, **kwargs)
   path = '/'.join(module.scope.path)
-  rows = capture_lib.rows_of(
-    x,
-    session.sample_size,
-    session.rng,
-    f'{type(module).__name__} at {path!r}',
-    lambda why: _unsupported(module, why),
-  )
-  sampled = _sample(module, args, kwargs, x, y, rows)
-  kind = (sampled.geometry, sampled.layout)
-  if session.geometry.setdefault(path, kind) != kind:
-    raise _unsupported(module, 'its calls have different geometries')
   index = 0
   if module.has_variable(INPUTS, _SOW_NAME):
     index = len(module.get_variable(INPUTS, _SOW_NAME))
-  # Keyed by (apply, call): nn.scan traces its body more than once.
-  calls = session.batch_sizes.setdefault(path, {})
-  calls[session.num_applies, index] = x.shape[0]
+  sampled = session.sample(
+    path,
+    type(module).__name__,
+    x,
+    (session.num_applies, index),
+    lambda rows: _sample(module, args, kwargs, x, y, rows),
+  )
   module.sow(INPUTS, _SOW_NAME, sampled.inputs)
   try:
     perturbation = module.variable(
@@ -259,19 +243,7 @@ def _assemble_stats(session: _Session, output_grads: list[Any], axis_name):
     for path, leaf in by_call:
       module = stats_lib.path_name(path[:-1])
       flat_grads.setdefault(module, []).append(leaf)
-  return {
-    module: capture_lib.gather_samples(
-      capture_lib.assemble(
-        module,
-        xs,
-        flat_grads[module],
-        list(session.batch_sizes[module].values()),
-        *session.geometry[module],
-      ),
-      axis_name,
-    )
-    for module, xs in flat_inputs.items()
-  }
+  return session.layer_stats(flat_inputs, flat_grads, axis_name)
 
 
 def _check_all_perturbed(session: _Session, perturbation_shapes) -> None:
@@ -280,7 +252,7 @@ def _check_all_perturbed(session: _Session, perturbation_shapes) -> None:
   for tree in perturbation_shapes:
     for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]:
       seen.add(stats_lib.path_name(path[:-1]))
-  lost = sorted(set(session.geometry) - seen)
+  lost = sorted(set(session.kinds) - seen)
   if lost:
     raise NotImplementedError(
       f'frog_optax could not capture {lost}: the capture collections did'

@@ -30,7 +30,6 @@ Example:
 """
 
 import contextlib
-import dataclasses
 import functools
 import threading
 from collections.abc import Callable
@@ -70,52 +69,30 @@ _INPUTS = 'frog_inputs_'
 _PERTURBATION = 'frog_perturbation_'
 
 
-@dataclasses.dataclass
-class _Session:
-  """One pass of a `value_and_grad` call: how to sample, what was seen."""
-
-  discover: bool
-  sample_size: int | None
-  rng: jax.Array | None
-  kinds: dict[str, tuple[Any, Any]] = dataclasses.field(default_factory=dict)
-  # {path: {call index: batch size}}
-  batch_sizes: dict[str, dict[int, int]] = dataclasses.field(
-    default_factory=dict
-  )
-
-
 _sessions = capture_lib.SessionSlot()
 _patch_lock = threading.Lock()
 _patch_depth = 0
 
 
-def _unsupported(path: str, module: Any, why: str) -> NotImplementedError:
-  return NotImplementedError(
-    f'frog_optax cannot capture {type(module).__name__} at {path!r}: {why}.'
-    f" Exclude it with frog(..., exclude=('{path}',))."
-  )
+def _unsupported(path: str, module: Any, why: str) -> Exception:
+  return capture_lib.unsupported_error(type(module).__name__, path, why)
 
 
 def _check_supported(path: str, module: Any) -> None:
   why = None
-  if isinstance(module, nnx.Linear):
-    if module.dot_general is not lax.dot_general:
-      why = 'a custom dot_general is set'
-  elif isinstance(module, nnx.LinearGeneral):
-    if module.dot_general_cls is not None or module.dot_general not in (
-      None,
-      lax.dot_general,
-    ):
-      why = 'a custom dot_general is set'
-    elif module.batch_axis:
-      why = 'batch_axis (a batched kernel) is set'
+  if isinstance(module, (nnx.Linear, nnx.LinearGeneral)):
+    custom = getattr(module, 'dot_general_cls', None) is not None
+    if custom or module.dot_general not in (None, lax.dot_general):
+      why = capture_lib.CUSTOM_DOT_GENERAL
+    elif getattr(module, 'batch_axis', None):
+      why = capture_lib.BATCHED_KERNEL
   elif isinstance(module, nnx.Einsum):
     if module.einsum_op is not jnp.einsum:
-      why = 'a custom einsum_op is set'
+      why = capture_lib.CUSTOM_EINSUM
   elif module.conv_general_dilated is not lax.conv_general_dilated:
-    why = 'a custom conv_general_dilated is set'
+    why = capture_lib.CUSTOM_CONV
   elif module.mask is not None:
-    why = 'masked kernels are not supported'
+    why = capture_lib.MASKED
   if why:
     raise _unsupported(path, module, why)
 
@@ -156,21 +133,16 @@ def _capturing_call(original: Callable[..., Any]) -> Callable[..., Any]:
     _check_supported(path, self)
     y = original(self, inputs, *args, **kwargs)
     unsupported = lambda why: _unsupported(path, self, why)
-    rows = capture_lib.rows_of(
-      inputs,
-      session.sample_size,
-      session.rng,
-      f'{type(self).__name__} at {path!r}',
-      unsupported,
-    )
-    sampled = _sample(self, inputs, y, rows, args, kwargs, unsupported)
-    kind = (sampled.geometry, sampled.layout)
-    if session.kinds.setdefault(path, kind) != kind:
-      raise unsupported('its calls have different geometries')
     # The calls already on this copy of the layer: a lifted transform may
     # trace its body more than once, each time on a fresh copy.
     index = sum(name.startswith(_INPUTS) for name in vars(self))
-    session.batch_sizes.setdefault(path, {})[index] = inputs.shape[0]
+    sampled = session.sample(
+      path,
+      type(self).__name__,
+      inputs,
+      index,
+      lambda rows: _sample(self, inputs, y, rows, args, kwargs, unsupported),
+    )
     setattr(self, f'{_INPUTS}{index}', FrogInputs(sampled.inputs))
     name = f'{_PERTURBATION}{index}'
     if session.discover:
@@ -315,7 +287,7 @@ def value_and_grad(
     with _tagged(model):
       # Shapes only, on copies: neither the model nor graph nodes among the
       # arguments (an `nnx.Rngs` for dropout) are touched.
-      discovery = _Session(True, sample_size, rng)
+      discovery = capture_lib.Recorder(True, sample_size, rng)
 
       def discover(m, *a, **kw):
         run(discovery, m, *a, **kw)
@@ -327,7 +299,7 @@ def value_and_grad(
       )
       # The arguments go through nnx.value_and_grad (not a closure), so that
       # their graph nodes are updated as nnx.value_and_grad updates them.
-      session = _Session(False, sample_size, rng)
+      session = capture_lib.Recorder(False, sample_size, rng)
       wrt = nnx.DiffState(0, nnx.Any(nnx.Param, FrogPerturbation))
       (loss, aux), all_grads = nnx.value_and_grad(
         lambda m, *a, **kw: run(session, m, *a, **kw),
@@ -339,19 +311,7 @@ def value_and_grad(
       all_grads, FrogPerturbation, ...
     )
     output_grads = _calls(perturbation_grads, _PERTURBATION)
-    captured = {
-      path: capture_lib.gather_samples(
-        capture_lib.assemble(
-          path,
-          inputs[path],
-          output_grads[path],
-          list(session.batch_sizes[path].values()),
-          *session.kinds[path],
-        ),
-        axis_name,
-      )
-      for path in inputs
-    }
+    captured = session.layer_stats(inputs, output_grads, axis_name)
     params = nnx.to_pure_dict(grads)
     stats = stats_lib.stats_tree(params, captured, _uncaptured_modules(model))
     value = (loss, aux) if has_aux else loss

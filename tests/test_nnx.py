@@ -302,6 +302,56 @@ class _NnxWrap(nnx.Module):
     return y.reshape(y.shape[0], -1)[:, :3] * 2.0
 
 
+def _capture_twins(linen_model, nnx_model, x):
+  """Both front ends on the same random float64 parameters and batch.
+
+  Returns `(params, linen (grads, stats), nnx (grads, stats), nnx loss)`,
+  after checking that every captured layer's stats agree to 1e-12.
+  """
+  labels = jnp.arange(x.shape[0]) % 3
+  params = linen_model.init(jax.random.key(1), x)['params']
+  params = jax.tree.map(
+    lambda a: jax.random.normal(jax.random.key(2), a.shape, jnp.float64),
+    params,
+  )
+  nnx.update(nnx_model, nnx.State(params))
+  apply_fn = fo.linen.capture(linen_model.apply)
+  _, grads, stats = fo.linen.value_and_grad(
+    lambda p: _cross_entropy(apply_fn({'params': p}, x), labels),
+    sample_size=3,
+  )(params)
+  nnx_loss = lambda m: _cross_entropy(m(x), labels)
+  _, n_grads, n_stats = fo.nnx.value_and_grad(nnx_loss, sample_size=3)(
+    nnx_model
+  )
+  flat = fo._src.stats.stats_by_path(stats)
+  n_flat = fo._src.stats.stats_by_path(n_stats)
+  assert set(n_flat) == set(flat) and flat
+  for path, want in flat.items():
+    got = n_flat[path]
+    assert (got.geometry, got.layout) == (want.geometry, want.layout)
+    chex.assert_trees_all_close(
+      (got.inputs, got.output_grads),
+      (want.inputs, want.output_grads),
+      rtol=1e-12,
+    )
+  return params, (grads, stats), (n_grads, n_stats), nnx_loss
+
+
+def _assert_same_frog_step(params, linen_out, nnx_model, step, rtol):
+  """`step(model, optimizer)` moves the NNX model as linen's update moves."""
+  grads, stats = linen_out
+  tx = fo.frog(0.1, cg_iters=3)
+  updates, _ = tx.update(grads, tx.init(params), params, frog_stats=stats)
+  optimizer = nnx.Optimizer(nnx_model, fo.frog(0.1, cg_iters=3), wrt=nnx.Param)
+  step(nnx_model, optimizer)
+  chex.assert_trees_all_close(
+    nnx.to_pure_dict(nnx.state(nnx_model, nnx.Param)),
+    optax.apply_updates(params, updates),
+    rtol=rtol,
+  )
+
+
 def _layer_pairs():
   rngs = nnx.Rngs(0)
   return {
@@ -367,41 +417,15 @@ def _layer_pairs():
 def test_every_nnx_layer_matches_its_linen_twin(name):
   linen_layer, nnx_layer, x_shape = _layer_pairs()[name]
   x = jax.random.normal(jax.random.key(0), x_shape, jnp.float64)
-  labels = jnp.arange(BATCH) % 3
-  linen_model = _Wrap(linen_layer)
-  params = linen_model.init(jax.random.key(1), x)['params']
-  params = jax.tree.map(
-    lambda a: jax.random.normal(jax.random.key(2), a.shape, jnp.float64),
-    params,
-  )
   nnx_model = _NnxWrap(nnx_layer)
-  nnx.update(nnx_model, nnx.State(params))
-  apply_fn = fo.linen.capture(linen_model.apply)
-  _, grads, stats = fo.linen.value_and_grad(
-    lambda p: _cross_entropy(apply_fn({'params': p}, x), labels),
-    sample_size=3,
-  )(params)
-  _, n_grads, n_stats = fo.nnx.value_and_grad(
-    lambda m: _cross_entropy(m(x), labels), sample_size=3
-  )(nnx_model)
-  flat = fo._src.stats.stats_by_path(stats)
-  n_flat = fo._src.stats.stats_by_path(n_stats)
-  assert set(n_flat) == set(flat) and flat
-  for path, want in flat.items():
-    got = n_flat[path]
-    assert (got.geometry, got.layout) == (want.geometry, want.layout)
-    chex.assert_trees_all_close(
-      (got.inputs, got.output_grads),
-      (want.inputs, want.output_grads),
-      rtol=1e-12,
-    )
-  tx = fo.frog(0.1, cg_iters=3)
-  updates, _ = tx.update(grads, tx.init(params), params, frog_stats=stats)
-  optimizer = nnx.Optimizer(nnx_model, fo.frog(0.1, cg_iters=3), wrt=nnx.Param)
-  optimizer.update(nnx_model, n_grads, frog_stats=n_stats)
-  chex.assert_trees_all_close(
-    nnx.to_pure_dict(nnx.state(nnx_model, nnx.Param)),
-    optax.apply_updates(params, updates),
+  params, linen_out, (n_grads, n_stats), _ = _capture_twins(
+    _Wrap(linen_layer), nnx_model, x
+  )
+  _assert_same_frog_step(
+    params,
+    linen_out,
+    nnx_model,
+    lambda m, opt: opt.update(m, n_grads, frog_stats=n_stats),
     rtol=1e-10,
   )
 
@@ -495,49 +519,24 @@ class _NnxStack(nnx.Module):
 @pytest.mark.parametrize('remat', [False, True], ids=['scan', 'scan_remat'])
 def test_nnx_scan_and_remat_match_linen(remat):
   x = jax.random.normal(jax.random.key(0), (BATCH, 4), jnp.float64)
-  labels = jnp.arange(BATCH) % 3
-  linen_model = _LinenStack(remat)
-  params = linen_model.init(jax.random.key(1), x)['params']
-  params = jax.tree.map(
-    lambda a: jax.random.normal(jax.random.key(2), a.shape, jnp.float64),
-    params,
-  )
   nnx_model = _NnxStack(nnx.Rngs(0), remat)
-  nnx.update(nnx_model, nnx.State(params))
-  apply_fn = fo.linen.capture(linen_model.apply)
-  _, grads, stats = fo.linen.value_and_grad(
-    lambda p: _cross_entropy(apply_fn({'params': p}, x), labels),
-    sample_size=3,
-  )(params)
-  loss_fn = lambda m: _cross_entropy(m(x), labels)
-  _, n_grads, n_stats = fo.nnx.value_and_grad(loss_fn, sample_size=3)(nnx_model)
-  lin, n_lin = stats['blocks']['lin'], n_stats['blocks']['lin']
-  assert n_lin.inputs.shape == (LAYERS, 3, 4)
-  assert n_lin.layout == lin.layout and n_lin.layout.stacked_axes == 1
-  chex.assert_trees_all_close(
-    (n_lin.inputs, n_lin.output_grads),
-    (lin.inputs, lin.output_grads),
-    rtol=1e-12,
+  params, linen_out, (_, n_stats), loss_fn = _capture_twins(
+    _LinenStack(remat), nnx_model, x
   )
+  n_lin = n_stats['blocks']['lin']
+  assert n_lin.inputs.shape == (LAYERS, 3, 4)
+  assert n_lin.layout.stacked_axes == 1
   # The model keeps no capture state, and a jitted step gives the same.
   assert not [
     n for _, m in nnx.iter_modules(nnx_model) for n in vars(m) if 'frog' in n
   ]
-  tx = fo.frog(0.1, cg_iters=3)
-  updates, _ = tx.update(grads, tx.init(params), params, frog_stats=stats)
-  optimizer = nnx.Optimizer(nnx_model, fo.frog(0.1, cg_iters=3), wrt=nnx.Param)
 
   @nnx.jit
   def step(model, optimizer):
     _, grads, stats = fo.nnx.value_and_grad(loss_fn, sample_size=3)(model)
     optimizer.update(model, grads, frog_stats=stats)
 
-  step(nnx_model, optimizer)
-  chex.assert_trees_all_close(
-    nnx.to_pure_dict(nnx.state(nnx_model, nnx.Param)),
-    optax.apply_updates(params, updates),
-    rtol=1e-9,
-  )
+  _assert_same_frog_step(params, linen_out, nnx_model, step, rtol=1e-9)
 
 
 MEMBERS = 2
@@ -576,23 +575,7 @@ class _NnxEnsemble(nnx.Module):
 
 def test_nnx_vmap_matches_linen():
   x = jax.random.normal(jax.random.key(0), (BATCH, 4), jnp.float64)
-  labels = jnp.arange(BATCH) % 3
-  linen_model = _LinenEnsemble()
-  params = linen_model.init(jax.random.key(1), x)['params']
-  nnx_model = _NnxEnsemble(nnx.Rngs(0))
-  nnx.update(nnx_model, nnx.State(params))
-  apply_fn = fo.linen.capture(linen_model.apply)
-  _, _, stats = fo.linen.value_and_grad(
-    lambda p: _cross_entropy(apply_fn({'params': p}, x), labels),
-    sample_size=3,
-  )(params)
-  _, _, n_stats = fo.nnx.value_and_grad(
-    lambda m: _cross_entropy(m(x), labels), sample_size=3
-  )(nnx_model)
-  got, want = n_stats['member'], stats['member']
-  assert got.layout == want.layout and got.layout.stacked_axes == 1
-  chex.assert_trees_all_close(
-    (got.inputs, got.output_grads),
-    (want.inputs, want.output_grads),
-    rtol=1e-12,
+  _, _, (_, n_stats), _ = _capture_twins(
+    _LinenEnsemble(), _NnxEnsemble(nnx.Rngs(0)), x
   )
+  assert n_stats['member'].layout.stacked_axes == 1

@@ -29,6 +29,22 @@ from frog_optax._src import stats as stats_lib
 Unsupported = Callable[[str], Exception]  # why -> the error to raise
 
 
+def unsupported_error(layer_type: str, path: str, why: str) -> Exception:
+  """The one error for a layer the capture cannot handle, in both APIs."""
+  return NotImplementedError(
+    f'frog_optax cannot capture {layer_type} at {path!r}: {why}.'
+    f" Exclude it with frog(..., exclude=('{path}',))."
+  )
+
+
+# Why a captured layer type is refused, in both front ends.
+CUSTOM_DOT_GENERAL = 'a custom dot_general is set'
+CUSTOM_CONV = 'a custom conv_general_dilated is set'
+CUSTOM_EINSUM = 'a custom einsum_op is set'
+MASKED = 'masked kernels are not supported'
+BATCHED_KERNEL = 'a batched kernel (batch_dims / batch_axis) is set'
+
+
 class SessionSlot:
   """This thread's current capture session (one slot per front end)."""
 
@@ -370,6 +386,77 @@ def sample_conv(
     geometry=geometry,
     layout=stats_lib.ParamLayout(),
   )
+
+
+# ----------------------------------------------------------------------------
+# One pass of value_and_grad: what the front ends record, and the stats.
+
+
+@dataclasses.dataclass
+class Recorder:
+  """What one pass of `value_and_grad` saw of every captured layer.
+
+  Both front ends hold one per pass (the shape-discovery pass and the real
+  one); only static facts live here. Traced values travel through the
+  framework (linen collections, NNX Variables).
+
+  Attributes:
+    discover: whether this is the shape-discovery pass.
+    sample_size: examples per call used for the Fisher (`None`: all).
+    rng: optional key for random rows.
+    kinds: `{path: (geometry, layout)}`; every call must agree.
+    batch_sizes: `{path: {call key: batch size}}`, keyed by call so that a
+      body traced more than once (nn.scan, nnx.scan) counts once.
+  """
+
+  discover: bool
+  sample_size: int | None
+  rng: jax.Array | None
+  kinds: dict[str, tuple[Any, Any]] = dataclasses.field(default_factory=dict)
+  batch_sizes: dict[str, dict[Any, int]] = dataclasses.field(
+    default_factory=dict
+  )
+
+  def sample(
+    self,
+    path: str,
+    layer_type: str,
+    x: jax.Array,
+    call_key: Any,
+    sample_call: Callable[[Any], Sampled],
+  ) -> Sampled:
+    """Samples one call of a layer: `sample_call(rows)`, checked, recorded."""
+    unsupported = lambda why: unsupported_error(layer_type, path, why)
+    rows = rows_of(
+      x, self.sample_size, self.rng, f'{layer_type} at {path!r}', unsupported
+    )
+    sampled = sample_call(rows)
+    kind = (sampled.geometry, sampled.layout)
+    if self.kinds.setdefault(path, kind) != kind:
+      raise unsupported('its calls have different geometries')
+    self.batch_sizes.setdefault(path, {})[call_key] = x.shape[0]
+    return sampled
+
+  def layer_stats(
+    self,
+    inputs: dict[str, list[jax.Array]],
+    output_grads: dict[str, list[jax.Array]],
+    axis_name: Any,
+  ) -> dict[str, stats_lib.LayerStats]:
+    """`{path: LayerStats}` from every call's inputs and output gradients."""
+    return {
+      path: gather_samples(
+        assemble(
+          path,
+          xs,
+          output_grads[path],
+          list(self.batch_sizes[path].values()),
+          *self.kinds[path],
+        ),
+        axis_name,
+      )
+      for path, xs in inputs.items()
+    }
 
 
 # ----------------------------------------------------------------------------
