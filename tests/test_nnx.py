@@ -579,3 +579,34 @@ def test_nnx_vmap_matches_linen():
     _LinenEnsemble(), _NnxEnsemble(nnx.Rngs(0)), x
   )
   assert n_stats['member'].layout.stacked_axes == 1
+
+
+class MnistStyleCnn(nnx.Module):
+  """Flax's NNX MNIST example's pattern: the dropout Rngs live in the model."""
+
+  def __init__(self, rngs):
+    self.conv = nnx.Conv(2, 4, (3, 3), rngs=rngs, **F64)
+    self.norm = nnx.BatchNorm(4, rngs=rngs, dtype=jnp.float64, **F64)
+    self.dropout = nnx.Dropout(0.5, rngs=rngs)
+    self.head = nnx.Linear(4, 3, rngs=rngs, **F64)
+
+  def __call__(self, x):
+    x = nnx.relu(self.norm(self.conv(x)))
+    return self.head(self.dropout(x.mean(axis=(1, 2))))
+
+
+def test_model_owned_rngs_dropout_and_batchnorm_as_nnx_value_and_grad():
+  x, labels = _data()
+  loss_fn = lambda model: _cross_entropy(model(x), labels)
+  model = MnistStyleCnn(nnx.Rngs(0))
+  twin = nnx.clone(model)
+  loss, grads, stats = fo.nnx.value_and_grad(loss_fn, sample_size=3)(model)
+  want_loss, want_grads = nnx.value_and_grad(loss_fn)(twin)
+  chex.assert_trees_all_equal(
+    (loss, nnx.to_pure_dict(grads)), (want_loss, nnx.to_pure_dict(want_grads))
+  )
+  # BatchNorm statistics and the dropout stream advanced identically.
+  chex.assert_trees_all_equal(
+    nnx.to_pure_dict(nnx.state(model)), nnx.to_pure_dict(nnx.state(twin))
+  )
+  assert stats['conv'].inputs.shape == (3, 7, 7, 2)
