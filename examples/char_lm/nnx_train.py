@@ -7,12 +7,11 @@ blocks, and the head; AdamW (the `fallback`) trains the embeddings and
 LayerNorms. Prints the validation loss every `--eval_every` steps.
 """
 
+import argparse
 import dataclasses
 
 import numpy as np
 import optax
-from absl import app
-from absl import flags
 from flax import nnx
 
 import frog_optax as fo
@@ -95,16 +94,14 @@ def train(config: Config, corpus: corpus_lib.Corpus | None = None):
   return model, history, stats
 
 
-_STEPS = flags.DEFINE_integer('steps', Config.steps, 'Training steps.')
-_MAX_CHARS = flags.DEFINE_integer(
-  'max_chars', Config.max_chars, 'Characters of the corpus to use.'
-)
-
-
-def main(argv):
-  del argv
-  train(Config(steps=_STEPS.value, max_chars=_MAX_CHARS.value))
+def main(argv=None):
+  # argparse, not absl flags: main.py defines flags of the same names.
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--steps', type=int, default=Config.steps)
+  parser.add_argument('--max_chars', type=int, default=Config.max_chars)
+  args = parser.parse_args(argv)
+  train(Config(steps=args.steps, max_chars=args.max_chars))
 
 
 if __name__ == '__main__':
-  app.run(main)
+  main()
