@@ -33,6 +33,7 @@ from jax import lax
 
 from frog_optax._src import capture as capture_lib
 from frog_optax._src import describe as describe_lib
+from frog_optax._src import layouts as layouts_lib
 from frog_optax._src import stats as stats_lib
 from frog_optax._src import validation
 
@@ -356,6 +357,52 @@ def value_and_grad(
   return wrapped
 
 
+def layouts(
+  fun: Callable[..., Any],
+  *args: Any,
+  argnums: int = 0,
+  has_aux: bool = False,
+  **kwargs: Any,
+) -> Any:
+  """Which kernel axes are rows, for every captured layer: shapes only.
+
+  Runs :func:`value_and_grad` on `fun(*args, **kwargs)` as
+  `jax.eval_shape` (no computation) and returns the `layouts` argument the
+  optimizers with per-layer state (`fo.kfrog`, `fo.foof`, `fo.adafisher`)
+  need to build that state at `init` for `nn.DenseGeneral`, `nn.Einsum` and
+  `nn.scan`-stacked layers.
+
+  Args:
+    fun: the loss function, as given to :func:`value_and_grad`.
+    *args: its arguments (arrays or shapes), parameters at `argnums`.
+    argnums: index of the parameter argument.
+    has_aux: whether `fun` returns `(loss, aux)`.
+    **kwargs: its keyword arguments.
+
+  Returns:
+    A params-prefix tree with a :class:`frog_optax.ParamLayout` per captured
+    module and `None` elsewhere.
+
+  Example:
+    >>> import flax.linen as nn, jax, jax.numpy as jnp, frog_optax as fo
+    >>> model = nn.DenseGeneral((2, 3), axis=(-2, -1))
+    >>> x = jnp.ones((8, 4, 5))
+    >>> params = model.init(jax.random.key(0), x)['params']
+    >>> apply_fn = fo.linen.capture(model.apply)
+    >>> loss_fn = lambda p, x: apply_fn({'params': p}, x).sum()
+    >>> tx = fo.foof(0.1, layouts=fo.linen.layouts(loss_fn, params, x))
+    >>> state = tx.init(params)
+  """
+  stats = jax.eval_shape(
+    lambda *a, **kw: value_and_grad(
+      fun, argnums, sample_size=None, has_aux=has_aux
+    )(*a, **kw)[2],
+    *args,
+    **kwargs,
+  )
+  return layouts_lib.layout_tree(stats)
+
+
 class TrainState(train_state.TrainState):
   """`flax.training.train_state.TrainState` that forwards `frog_stats`.
 
@@ -396,5 +443,6 @@ __all__ = [
   'TrainState',
   'capture',
   'describe',
+  'layouts',
   'value_and_grad',
 ]

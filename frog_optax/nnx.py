@@ -42,6 +42,7 @@ from jax import lax
 
 from frog_optax._src import capture as capture_lib
 from frog_optax._src import describe as describe_lib
+from frog_optax._src import layouts as layouts_lib
 from frog_optax._src import stats as stats_lib
 from frog_optax._src import validation
 
@@ -320,6 +321,37 @@ def value_and_grad(
   return wrapped
 
 
+def layouts(
+  fun: Callable[..., Any],
+  model: nnx.Module,
+  *args: Any,
+  has_aux: bool = False,
+  **kwargs: Any,
+) -> Any:
+  """Which kernel axes are rows, for every captured layer: shapes only.
+
+  Runs :func:`value_and_grad` on `fun(model, *args, **kwargs)` as
+  `nnx.eval_shape` (no computation, the model is not touched) and returns
+  the `layouts` argument the optimizers with per-layer state need for
+  `nnx.LinearGeneral`, `nnx.Einsum` and layers inside `nnx.scan`/`nnx.vmap`.
+
+  Example:
+    >>> import jax.numpy as jnp, frog_optax as fo
+    >>> from flax import nnx
+    >>> model = nnx.LinearGeneral((4, 5), (2, 3), axis=(-2, -1),
+    ...                           rngs=nnx.Rngs(0))
+    >>> loss_fn = lambda model, x: model(x).sum()
+    >>> layouts = fo.nnx.layouts(loss_fn, model, jnp.ones((8, 4, 5)))
+    >>> optimizer = nnx.Optimizer(
+    ...     model, fo.foof(0.1, layouts=layouts), wrt=nnx.Param)
+  """
+  grad_fn = value_and_grad(fun, sample_size=None, has_aux=has_aux)
+  stats = nnx.eval_shape(
+    lambda m, *a, **kw: grad_fn(m, *a, **kw)[2], model, *args, **kwargs
+  )
+  return layouts_lib.layout_tree(stats)
+
+
 def describe(model_or_params: Any, stats: Any, exclude: Any = ()) -> str:
   """A table of which parameters FROG preconditions and which fall back.
 
@@ -338,5 +370,6 @@ __all__ = [
   'FrogInputs',
   'FrogPerturbation',
   'describe',
+  'layouts',
   'value_and_grad',
 ]

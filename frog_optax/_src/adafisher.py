@@ -94,6 +94,7 @@ def scale_by_adafisher(
   update_interval: int | None = None,
   released_code: bool = False,
   exclude: str | Sequence[str] = (),
+  layouts: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   """AdaFisher's preconditioning: divide by `H ⊗ S + λ` (no square root).
 
@@ -107,6 +108,9 @@ def scale_by_adafisher(
     released_code: use the released code's moving-average weights (see the
       module docstring).
     exclude: module paths ('/'-joined) not to precondition.
+    layouts: which kernel axes are rows, for DenseGeneral, Einsum and
+      scan-stacked modules (see :func:`frog_optax.linen.layouts`); `None`
+      for plain Dense/Conv kernels.
 
   Returns:
     An `optax.GradientTransformationExtraArgs` whose `update` requires the
@@ -158,7 +162,9 @@ def scale_by_adafisher(
     return u, state
 
   return family.scale_by_row_preconditioner(
-    family.LayerPreconditioner(init=init_layer, update=update_layer), exclude
+    family.LayerPreconditioner(init=init_layer, update=update_layer),
+    exclude,
+    layouts,
   )
 
 
@@ -174,6 +180,7 @@ def _adafisher(
   update_interval,
   released_code,
   exclude,
+  layouts,
   fallback,
   mu_dtype,
 ):
@@ -200,6 +207,7 @@ def _adafisher(
         decay=decay,
         update_interval=update_interval,
         released_code=released_code,
+        layouts=layouts,
       )
     ]
   )
@@ -223,6 +231,7 @@ _ARGS_DOC = """
     released_code: the released code's factor averages (module docstring of
       `frog_optax._src.adafisher`).
     exclude: module paths sent to the fallback.
+    layouts: see :func:`scale_by_adafisher`.
     fallback: optax transformation for parameters without factors (BatchNorm,
       LayerNorm, embeddings, excluded layers). Default: this same update with
       the factors replaced by 1, as the released code treats parameters it
@@ -247,6 +256,7 @@ def adafisher(
   update_interval: int | None = None,
   released_code: bool = False,
   exclude: str | Sequence[str] = (),
+  layouts: Any = None,
   fallback: optax.GradientTransformation | None = None,
   mu_dtype: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -290,6 +300,7 @@ def adafisher(
     update_interval=update_interval,
     released_code=released_code,
     exclude=exclude,
+    layouts=layouts,
     fallback=fallback,
     mu_dtype=mu_dtype,
   )
@@ -306,6 +317,7 @@ def adafisherw(
   update_interval: int | None = None,
   released_code: bool = False,
   exclude: str | Sequence[str] = (),
+  layouts: Any = None,
   fallback: optax.GradientTransformation | None = None,
   mu_dtype: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -340,6 +352,7 @@ def adafisherw(
     update_interval=update_interval,
     released_code=released_code,
     exclude=exclude,
+    layouts=layouts,
     fallback=fallback,
     mu_dtype=mu_dtype,
   )

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from frog_optax._src import layouts
+from frog_optax._src import layouts as layouts_lib
 from frog_optax._src import routing
 from frog_optax._src import stats as stats_lib
 from frog_optax._src import validation
@@ -63,7 +63,7 @@ def _check_layer_shapes(name, layer_stats, leaves):
   kernel_shape = leaves['kernel'].shape
   x_shape = layer_stats.inputs.shape
   dy_shape = layer_stats.output_grads.shape
-  row_stacked = layouts.row_stacked_kernel_shape(kernel_shape, layout)
+  row_stacked = layouts_lib.row_stacked_kernel_shape(kernel_shape, layout)
 
   def fail(why):
     raise ValueError(
@@ -125,34 +125,34 @@ def _missing_stats_error(missing, uncaptured) -> ValueError:
   return ValueError(' '.join(lines))
 
 
-def _check_layout_state(name, preconditioner, row_stacked, layout, state):
-  """State made by `init` from the raw kernel must fit the layout's view."""
-  expected = jax.eval_shape(
-    layouts.per_layer(preconditioner.init, layout), row_stacked
+def _layout_mismatch(name, init_layout, layout) -> ValueError:
+  return ValueError(
+    f'The optimizer state of {name!r} was built for the layout'
+    f' {init_layout}, but its stats have the layout {layout} (a'
+    ' DenseGeneral, Einsum or scan-stacked module). Pass the layouts to the'
+    ' optimizer, e.g. layouts=fo.linen.layouts(loss_fn, params, ...) (or'
+    ' fo.nnx.layouts(loss_fn, model, ...), or a stats tree), or route it to'
+    f' the fallback with exclude=({name!r},).'
   )
-  shapes = lambda tree: jax.tree.map(lambda a: a.shape, tree)
-  if jax.tree.structure(expected) != jax.tree.structure(state) or shapes(
-    expected
-  ) != shapes(state):
-    raise ValueError(
-      f'{name!r} is a DenseGeneral, Einsum or nn.scan-stacked module (layout'
-      f' {layout}): this optimizer keeps per-layer state whose shape depends'
-      ' on that layout, and `init`, which sees only the parameters, made it'
-      ' for a plain Dense/Conv kernel. Precondition such modules with'
-      ' frog_optax.frog (stateless), or route them to the fallback with'
-      f' exclude=({name!r},).'
-    )
 
 
 def scale_by_row_preconditioner(
   preconditioner: LayerPreconditioner,
   exclude: Sequence[str] = (),
+  layouts: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Applies `preconditioner` to every Dense/Conv-like module not excluded.
 
   Args:
     preconditioner: the member's per-layer rule.
     exclude: normalised module paths that pass through unchanged.
+    layouts: which kernel axes of each module are rows, known at `init`:
+      `None` (plain Dense/Conv kernels), a params-prefix tree of
+      `ParamLayout`s or `LayerStats` (e.g. the stats of one step, or
+      :func:`frog_optax.linen.layouts`), or a function of the parameters
+      returning one. A member with per-layer state builds it in that
+      row-stacked form (per layer of a `nn.scan` stack); stats whose layout
+      differs from it are an error.
 
   Returns:
     A transformation whose `update` requires the keyword argument
@@ -189,9 +189,22 @@ def scale_by_row_preconditioner(
     routing.preconditioned_modules(params, exclude)  # validates `exclude`
     modules = routing.module_leaves(params)
     validation.check_float_params(params, set(chosen_modules(modules)))
+    by_path = layouts_lib.layouts_by_path(layouts, params)
     layers = {}
     for m in chosen_modules(modules):
-      layer_state = preconditioner.init(modules[m])
+      layout = by_path.get(m, stats_lib.ParamLayout())
+      leaves = modules[m]
+      if (
+        layouts_lib.row_stacked_kernel_shape(leaves['kernel'].shape, layout)
+        is None
+      ):
+        raise ValueError(
+          f'layouts gives {m!r} the layout {layout}, which does not fit its'
+          f' kernel of shape {leaves["kernel"].shape}.'
+        )
+      layer_state = layouts_lib.per_layer(preconditioner.init, layout)(
+        layouts_lib.to_row_stacked(leaves, layout)
+      )
       if layer_state is not None:
         layers[m] = layer_state
     return RowPreconditionerState(count=jnp.zeros([], jnp.int32), layers=layers)
@@ -222,6 +235,7 @@ def scale_by_row_preconditioner(
       )
     new_leaves = {}
     layers = dict(state.layers)
+    init_layouts = layouts_lib.layouts_by_path(layouts, updates)
     for m in chosen:
       leaves, layer_stats = modules[m], by_path[m]
       _check_layer_shapes(m, layer_stats, leaves)
@@ -233,20 +247,19 @@ def scale_by_row_preconditioner(
         )
       layout = layer_stats.layout
       dtype = solve_dtype(leaves)
-      direction = layouts.to_row_stacked(
+      direction = layouts_lib.to_row_stacked(
         {k: v.astype(dtype) for k, v in leaves.items()}, layout
       )
-      if m in state.layers and not layout.is_row_stacked:
-        _check_layout_state(
-          m, preconditioner, direction, layout, state.layers[m]
-        )
+      init_layout = init_layouts.get(m, stats_lib.ParamLayout())
+      if m in state.layers and layout != init_layout:
+        raise _layout_mismatch(m, init_layout, layout)
       update_one = lambda s, d, st, m=m: preconditioner.update(
         m, s, d, st, state.count
       )
-      u, layer_state = layouts.per_layer(update_one, layout)(
-        layouts.layer_stats(layer_stats), direction, state.layers.get(m)
+      u, layer_state = layouts_lib.per_layer(update_one, layout)(
+        layouts_lib.layer_stats(layer_stats), direction, state.layers.get(m)
       )
-      u = layouts.from_row_stacked(u, layout, leaves)
+      u = layouts_lib.from_row_stacked(u, layout, leaves)
       new_leaves[m] = {k: u[k].astype(v.dtype) for k, v in leaves.items()}
       if layer_state is not None:
         layers[m] = layer_state

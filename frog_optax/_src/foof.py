@@ -97,6 +97,7 @@ def scale_by_foof(
   max_explicit_dim: int = 2048,
   cg_iters: int = 4,
   exclude: str | Sequence[str] = (),
+  layouts: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   """FOOF's preconditioning step: `(XᵀX/N + λI)⁻¹` applied to every row.
 
@@ -113,6 +114,9 @@ def scale_by_foof(
     max_explicit_dim: the `'auto'` threshold, an int >= 1.
     cg_iters: CG iterations k >= 1 of the matrix-free solver.
     exclude: module paths ('/'-joined) not to precondition.
+    layouts: which kernel axes are rows, for DenseGeneral, Einsum and
+      scan-stacked modules (see :func:`frog_optax.linen.layouts`); `None`
+      for plain Dense/Conv kernels.
 
   Returns:
     An `optax.GradientTransformationExtraArgs` whose `update` requires the
@@ -184,7 +188,9 @@ def scale_by_foof(
     return z, state
 
   return family.scale_by_row_preconditioner(
-    family.LayerPreconditioner(init=init_layer, update=update_layer), exclude
+    family.LayerPreconditioner(init=init_layer, update=update_layer),
+    exclude,
+    layouts,
   )
 
 
@@ -202,6 +208,7 @@ def foof(
   max_explicit_dim: int = 2048,
   cg_iters: int = 4,
   exclude: str | Sequence[str] = (),
+  layouts: Any = None,
   fallback: optax.GradientTransformation | None = None,
   other_lr_ratio: float | None = None,
   mu_dtype: Any = None,
@@ -230,6 +237,7 @@ def foof(
     max_explicit_dim: the `'auto'` threshold on the row size D.
     cg_iters: CG iterations of the matrix-free solver.
     exclude: module paths sent to the fallback.
+    layouts: see :func:`scale_by_foof`.
     fallback: optax transformation for the other parameters. Default:
       momentum SGD at `learning_rate * other_lr_ratio`, coupled weight decay.
     other_lr_ratio: learning-rate ratio of the default fallback (default
@@ -270,6 +278,7 @@ def foof(
       solver=solver,
       max_explicit_dim=max_explicit_dim,
       cg_iters=cg_iters,
+      layouts=layouts,
     ),
     learning_rate,
     momentum=momentum,

@@ -32,6 +32,7 @@ def scale_by_kfrog(
   eps: float = 1e-6,
   y_momentum: float = 0.0,
   exclude: str | Sequence[str] = (),
+  layouts: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   """K-FROG's preconditioning step (see the module docstring).
 
@@ -43,6 +44,9 @@ def scale_by_kfrog(
     y_momentum: β_y in [0, 1), decay of the moving average of `ȳ`; 0 uses
       the current sample only.
     exclude: module paths ('/'-joined) not to precondition.
+    layouts: which kernel axes are rows, for DenseGeneral, Einsum and
+      scan-stacked modules (see :func:`frog_optax.linen.layouts`); `None`
+      for plain Dense/Conv kernels.
 
   Returns:
     An `optax.GradientTransformationExtraArgs` whose `update` requires the
@@ -87,7 +91,9 @@ def scale_by_kfrog(
     return {k: z[k] * jnp.sqrt(x_mean[k] / n) for k in z}, y_average
 
   return family.scale_by_row_preconditioner(
-    family.LayerPreconditioner(init=init_layer, update=update_layer), exclude
+    family.LayerPreconditioner(init=init_layer, update=update_layer),
+    exclude,
+    layouts,
   )
 
 
@@ -103,6 +109,7 @@ def kfrog(
   eps: float = 1e-6,
   y_momentum: float = 0.0,
   exclude: str | Sequence[str] = (),
+  layouts: Any = None,
   fallback: optax.GradientTransformation | None = None,
   other_lr_ratio: float | None = None,
   mu_dtype: Any = None,
@@ -125,6 +132,7 @@ def kfrog(
     eps: ε in `sqrt(ȳ + ε)`.
     y_momentum: moving-average decay of `ȳ` (bias-corrected).
     exclude: module paths sent to the fallback.
+    layouts: see :func:`scale_by_kfrog`.
     fallback: optax transformation for the other parameters. Default:
       momentum SGD at `learning_rate * other_lr_ratio`, coupled weight decay
       (the reference updates them with the same learning rate).
@@ -160,7 +168,11 @@ def kfrog(
   """
   return family.heavy_ball_optimizer(
     scale_by_kfrog(
-      damping=damping, cg_iters=cg_iters, eps=eps, y_momentum=y_momentum
+      damping=damping,
+      cg_iters=cg_iters,
+      eps=eps,
+      y_momentum=y_momentum,
+      layouts=layouts,
     ),
     learning_rate,
     momentum=momentum,

@@ -105,3 +105,44 @@ def layer_stats(stats: stats_lib.LayerStats) -> stats_lib.LayerStats:
     output_grads=stats.output_grads,
     geometry=stats.geometry,
   )
+
+
+def _is_layout_leaf(x: Any) -> bool:
+  return x is None or isinstance(
+    x,
+    (stats_lib.ParamLayout, stats_lib.LayerStats, stats_lib.UncapturedLayer),
+  )
+
+
+def layouts_by_path(
+  layouts: Any, params: Any
+) -> dict[str, stats_lib.ParamLayout]:
+  """`{module path: ParamLayout}` from an optimizer's `layouts` argument.
+
+  Args:
+    layouts: `None` (every module row-stacked: plain Dense/Conv), a
+      params-prefix tree holding a `ParamLayout` (or a `LayerStats`, whose
+      layout is taken) per module, or a function of the parameters that
+      returns one.
+    params: the parameter tree (for a function).
+  """
+  if layouts is None:
+    return {}
+  tree = layouts(params) if callable(layouts) else layouts
+  flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_layout_leaf)
+  out = {}
+  for path, leaf in flat:
+    if isinstance(leaf, stats_lib.LayerStats):
+      leaf = leaf.layout
+    if isinstance(leaf, stats_lib.ParamLayout):
+      out[stats_lib.path_name(path)] = leaf
+  return out
+
+
+def layout_tree(stats: Any) -> Any:
+  """The `layouts` argument for the optimizers, from a (shape) stats tree."""
+  return jax.tree.map(
+    lambda s: s.layout if isinstance(s, stats_lib.LayerStats) else None,
+    stats,
+    is_leaf=_is_layout_leaf,
+  )

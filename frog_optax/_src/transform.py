@@ -155,6 +155,7 @@ def scale_by_frog(
   exclude: str | Sequence[str] = (),
   *,
   rank_damping: float = 1.0,
+  layouts: Any = None,
   solver: str = 'cg',
   trace_normalization: bool = True,
   step_normalization: bool = True,
@@ -212,6 +213,8 @@ def scale_by_frog(
       1.0). 0 restores a damping of τ alone (the reference), which diverges
       on rank-deficient layers unless τ is large; then a
       :class:`RankDeficientFisherWarning` names such layers.
+    layouts: accepted for a uniform family signature; FROG keeps no
+      per-layer state and reads each layer's layout from its stats.
     solver: `'cg'` or `'cholesky'` (exact per-row solve, `rows·D²` memory:
       small layers only).
     trace_normalization: `False` drops the `tr(F_j)/D` normalisation, so τ
@@ -267,6 +270,7 @@ def scale_by_frog(
   return family.scale_by_row_preconditioner(
     family.LayerPreconditioner(init=lambda leaves: None, update=update_layer),
     exclude,
+    layouts,
   )
 
 
