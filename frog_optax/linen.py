@@ -33,6 +33,7 @@ from jax import lax
 
 from frog_optax._src import capture as capture_lib
 from frog_optax._src import describe as describe_lib
+from frog_optax._src import layer_maps
 from frog_optax._src import layouts as layouts_lib
 from frog_optax._src import stats as stats_lib
 from frog_optax._src import validation
@@ -100,26 +101,26 @@ def _is_captured(module: nn.Module) -> bool:
   )
 
 
-def _sample(module, args, kwargs, x, y, rows) -> capture_lib.Sampled:
+def _sample(module, args, kwargs, x, y, rows) -> layer_maps.Sampled:
   unsupported = lambda why: _unsupported(module, why)
   if isinstance(module, nn.Conv):
-    return capture_lib.sample_conv(module, x, y, rows, unsupported)
+    return layer_maps.sample_conv(module, x, y, rows, unsupported)
   if isinstance(module, nn.Dense):
-    dense = capture_lib.dense_map(x.ndim, unsupported)
+    dense = layer_maps.dense_map(x.ndim, unsupported)
   elif isinstance(module, nn.DenseGeneral):
-    dense = capture_lib.dense_general_map(
+    dense = layer_maps.dense_general_map(
       x.ndim,
-      capture_lib.as_tuple(module.axis, 1),
-      len(capture_lib.as_tuple(module.features, 1)),
+      layer_maps.as_tuple(module.axis, 1),
+      len(layer_maps.as_tuple(module.features, 1)),
       unsupported,
     )
   else:  # nn.Einsum: the equation may also be given at call time.
     einsum_str = args[1] if len(args) > 1 else kwargs.get('einsum_str')
     einsum_str = (einsum_str or module.einsum_str).replace(' ', '')
-    dense = capture_lib.einsum_map(
+    dense = layer_maps.einsum_map(
       einsum_str, x.shape, tuple(module.shape), unsupported
     )
-  return capture_lib.sample_dense(x, y, rows, dense)
+  return layer_maps.sample_dense(x, y, rows, dense)
 
 
 def _note_uncaptured(session: _Session, module: nn.Module) -> None:

@@ -42,6 +42,7 @@ from jax import lax
 
 from frog_optax._src import capture as capture_lib
 from frog_optax._src import describe as describe_lib
+from frog_optax._src import layer_maps
 from frog_optax._src import layouts as layouts_lib
 from frog_optax._src import stats as stats_lib
 from frog_optax._src import validation
@@ -101,25 +102,25 @@ def _check_supported(path: str, module: Any) -> None:
 def _sample(module, inputs, y, rows, args, kwargs, unsupported):
   """What one call of a captured layer contributes."""
   if isinstance(module, nnx.Conv):
-    return capture_lib.sample_conv(module, inputs, y, rows, unsupported)
+    return layer_maps.sample_conv(module, inputs, y, rows, unsupported)
   if isinstance(module, nnx.LinearGeneral):
-    dense = capture_lib.dense_general_map(
+    dense = layer_maps.dense_general_map(
       inputs.ndim,
-      capture_lib.as_tuple(module.axis, 1),
+      layer_maps.as_tuple(module.axis, 1),
       len(module.out_features),
       unsupported,
     )
   elif isinstance(module, nnx.Einsum):  # the equation may come at call time
     einsum_str = args[0] if args else kwargs.get('einsum_str')
-    dense = capture_lib.einsum_map(
+    dense = layer_maps.einsum_map(
       (einsum_str or module.einsum_str).replace(' ', ''),
       inputs.shape,
       tuple(module.kernel.shape),
       unsupported,
     )
   else:
-    dense = capture_lib.dense_map(inputs.ndim, unsupported)
-  return capture_lib.sample_dense(inputs, y, rows, dense)
+    dense = layer_maps.dense_map(inputs.ndim, unsupported)
+  return layer_maps.sample_dense(inputs, y, rows, dense)
 
 
 def _capturing_call(original: Callable[..., Any]) -> Callable[..., Any]:

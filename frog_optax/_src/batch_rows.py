@@ -1,0 +1,77 @@
+"""Which rows of the batch the capture samples, and how it touches them.
+
+Strided rows `x[::B // s]` are the default: taken by a reshape, they stay on
+their device when the batch axis is sharded. A key gives random rows.
+"""
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+Unsupported = Callable[[str], Exception]  # why -> the error to raise
+
+
+def rows_of(
+  x: jax.Array,
+  sample_size: int | None,
+  rng: jax.Array | None,
+  where: str,
+  unsupported: Unsupported,
+) -> jax.Array | slice:
+  """The sampled rows of a layer's inputs `x`; `where` names the layer."""
+  if x.ndim < 1:
+    raise unsupported('its inputs are a scalar')
+  if x.shape[0] == 0:
+    raise ValueError(
+      f'{where} was called on an empty batch (inputs of shape {x.shape}):'
+      " FROG estimates each layer's Fisher from the examples of the batch,"
+      ' so every call needs at least one example.'
+    )
+  return sample_rows(x.shape[0], sample_size, rng)
+
+
+def sample_rows(
+  batch: int, sample_size: int | None, rng: jax.Array | None
+) -> jax.Array | slice:
+  s = batch if sample_size is None or sample_size >= batch else sample_size
+  if rng is None:
+    # Strided rows stay local to each shard when the batch axis is sharded.
+    step = batch // s
+    return slice(0, step * s, step)
+  return jnp.sort(jax.random.choice(rng, batch, (s,), replace=False))
+
+
+# Strided rows are taken by a reshape to (s, stride, ...) and a slice of the
+# second axis, not by a gather: with the batch axis sharded over devices, the
+# s axis inherits the sharding, so neither the sampled inputs nor the output
+# gradients of the sample leave their device (a gather or scatter with row
+# indices made XLA all-reduce the sampled output gradients).
+
+
+def _strided(a: jax.Array, rows: slice) -> jax.Array:
+  """`a[:s·stride]` as `(s, stride, ...)`."""
+  step = rows.step
+  s = (rows.stop - rows.start) // step
+  return a[: s * step].reshape((s, step) + a.shape[1:])
+
+
+def take_rows(a: jax.Array, rows: jax.Array | slice) -> jax.Array:
+  if isinstance(rows, slice):
+    return _strided(a, rows)[:, 0]
+  return a[rows]
+
+
+def add_to_rows(
+  a: jax.Array, rows: jax.Array | slice, values: jax.Array
+) -> jax.Array:
+  """`a.at[rows].add(values)`, sharding-friendly for strided rows."""
+  if not isinstance(rows, slice):
+    return a.at[rows].add(values)
+  # Zeros between the sampled rows: (s, 1, ...) → (s, stride, ...) → rows.
+  pad = [(0, 0), (0, rows.step - 1)] + [(0, 0)] * (values.ndim - 1)
+  spread = jnp.pad(values[:, None], pad).reshape((-1,) + a.shape[1:])
+  tail = a.shape[0] - spread.shape[0]  # rows after the last whole stride
+  if tail:
+    spread = jnp.pad(spread, [(0, tail)] + [(0, 0)] * (a.ndim - 1))
+  return a + spread
