@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from frog_optax._src import aliases
 from frog_optax._src import family
 from frog_optax._src import fisher
 from frog_optax._src import routing
@@ -154,7 +155,7 @@ def scale_by_adafisher(
       average(state, fresh),
       state,
     )
-    tau = family.schedule_value(damping, count)
+    tau = aliases.schedule_value(damping, count)
     u = {
       k: direction[k] / (h * state.output_diag + tau)
       for k, h in state.input_diag.items()
@@ -184,7 +185,7 @@ def _adafisher(
   fallback,
   mu_dtype,
 ):
-  family.check_common(learning_rate, weight_decay)
+  aliases.check_common(learning_rate, weight_decay)
   validation.check_range('beta', beta, low=0.0, high=1.0, high_inclusive=False)
   exclude = validation.normalize_paths('exclude', exclude)
   decay_weights = optax.add_decayed_weights(weight_decay, weight_decay_mask)

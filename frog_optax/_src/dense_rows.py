@@ -11,7 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-RowParams = dict[str, jax.Array]
+from frog_optax._src import stats as stats_lib
+
+RowParams = stats_lib.RowParams
 
 
 def to_matrix(rows: RowParams) -> jax.Array:

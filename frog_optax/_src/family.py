@@ -24,7 +24,7 @@ from frog_optax._src import routing
 from frog_optax._src import stats as stats_lib
 from frog_optax._src import validation
 
-RowParams = dict[str, jax.Array]
+RowParams = stats_lib.RowParams
 _MISSING = object()
 
 
@@ -136,6 +136,40 @@ def _layout_mismatch(name, init_layout, layout) -> ValueError:
   )
 
 
+def _stats_of(chosen, frog_stats) -> dict[str, stats_lib.LayerStats]:
+  """`{module: LayerStats}` of the chosen modules, or an error saying why."""
+  if frog_stats is _MISSING:
+    raise ValueError(
+      'This optimizer needs the keyword argument frog_stats (from'
+      ' frog_optax.linen.value_and_grad or frog_optax.nnx.value_and_grad)'
+      f' to precondition {[m + "/kernel" for m in chosen][:10]}: call'
+      ' tx.update(grads, state, params, frog_stats=stats). With linen,'
+      " flax.training.train_state.TrainState's apply_gradients does not"
+      ' pass it on; use frog_optax.linen.TrainState, whose'
+      ' apply_gradients(grads=..., frog_stats=...) does.'
+    )
+  by_path = stats_lib.stats_by_path(frog_stats)
+  missing = [m for m in chosen if m not in by_path]
+  if missing:
+    uncaptured = stats_lib.stats_by_path(frog_stats, stats_lib.UncapturedLayer)
+    raise _missing_stats_error(
+      missing, {m: u.layer_type for m, u in uncaptured.items()}
+    )
+  return by_path
+
+
+def _replace_modules(tree: Any, new_leaves: dict[str, RowParams]) -> Any:
+  """`tree` with the leaves of the modules in `new_leaves` replaced."""
+
+  def replace(path, leaf):
+    module, name = stats_lib.module_and_leaf(path)
+    if module in new_leaves:
+      return new_leaves[module][name]
+    return leaf
+
+  return jax.tree_util.tree_map_with_path(replace, tree)
+
+
 def scale_by_row_preconditioner(
   preconditioner: LayerPreconditioner,
   exclude: Sequence[str] = (),
@@ -185,245 +219,82 @@ def scale_by_row_preconditioner(
       if not routing.is_excluded(m, exclude)
     ]
 
+  def init_module(name, leaves, layout):
+    """The member's state of one module, in its row-stacked form."""
+    shape = leaves['kernel'].shape
+    if layouts_lib.row_stacked_kernel_shape(shape, layout) is None:
+      raise ValueError(
+        f'layouts gives {name!r} the layout {layout}, which does not fit its'
+        f' kernel of shape {shape}.'
+      )
+    return layouts_lib.per_layer(preconditioner.init, layout)(
+      layouts_lib.to_row_stacked(leaves, layout)
+    )
+
   def init_fn(params):
     routing.preconditioned_modules(params, exclude)  # validates `exclude`
     modules = routing.module_leaves(params)
-    validation.check_float_params(params, set(chosen_modules(modules)))
-    by_path = layouts_lib.layouts_by_path(layouts, params)
+    chosen = chosen_modules(modules)
+    validation.check_float_params(params, set(chosen))
+    init_layouts = layouts_lib.layouts_by_path(layouts, params)
     layers = {}
-    for m in chosen_modules(modules):
-      layout = by_path.get(m, stats_lib.ParamLayout())
-      leaves = modules[m]
-      if (
-        layouts_lib.row_stacked_kernel_shape(leaves['kernel'].shape, layout)
-        is None
-      ):
-        raise ValueError(
-          f'layouts gives {m!r} the layout {layout}, which does not fit its'
-          f' kernel of shape {leaves["kernel"].shape}.'
-        )
-      layer_state = layouts_lib.per_layer(preconditioner.init, layout)(
-        layouts_lib.to_row_stacked(leaves, layout)
-      )
+    for m in chosen:
+      layout = init_layouts.get(m, stats_lib.ParamLayout())
+      layer_state = init_module(m, modules[m], layout)
       if layer_state is not None:
         layers[m] = layer_state
     return RowPreconditionerState(count=jnp.zeros([], jnp.int32), layers=layers)
+
+  def update_module(name, leaves, layer_stats, layer_state, count):
+    """One module: to the solve dtype and row-stacked form, the member's
+    rule (per layer of a stack), and back to the parameters' form."""
+    layout = layer_stats.layout
+    dtype = solve_dtype(leaves)
+    direction = layouts_lib.to_row_stacked(
+      {k: v.astype(dtype) for k, v in leaves.items()}, layout
+    )
+    rule = lambda s, d, st: preconditioner.update(name, s, d, st, count)
+    u, layer_state = layouts_lib.per_layer(rule, layout)(
+      layouts_lib.layer_stats(layer_stats), direction, layer_state
+    )
+    u = layouts_lib.from_row_stacked(u, layout, leaves)
+    return {k: u[k].astype(v.dtype) for k, v in leaves.items()}, layer_state
+
+  def check_module(name, leaves, layer_stats, state, init_layout):
+    _check_layer_shapes(name, layer_stats, leaves)
+    if name not in state.layers and preconditioner.init(leaves) is not None:
+      raise ValueError(
+        f'The optimizer state has no entry for {name!r}: it was initialised'
+        ' with other parameters (or other `exclude` settings) than those'
+        f' it updates; state entries: {sorted(state.layers)[:10]}.'
+      )
+    if name in state.layers and layer_stats.layout != init_layout:
+      raise _layout_mismatch(name, init_layout, layer_stats.layout)
 
   def update_fn(updates, state, params=None, *, frog_stats=_MISSING, **extra):
     del params, extra
     modules = routing.module_leaves(updates)
     chosen = chosen_modules(modules)
-    if frog_stats is _MISSING:
-      raise ValueError(
-        'This optimizer needs the keyword argument frog_stats (from'
-        ' frog_optax.linen.value_and_grad or frog_optax.nnx.value_and_grad)'
-        f' to precondition {[m + "/kernel" for m in chosen][:10]}: call'
-        ' tx.update(grads, state, params, frog_stats=stats). With linen,'
-        " flax.training.train_state.TrainState's apply_gradients does not"
-        ' pass it on; use frog_optax.linen.TrainState, whose'
-        ' apply_gradients(grads=..., frog_stats=...) does.'
-      )
+    by_path = _stats_of(chosen, frog_stats)
     validation.check_float_params(updates, set(chosen))
-    by_path = stats_lib.stats_by_path(frog_stats)
-    missing = [m for m in chosen if m not in by_path]
-    if missing:
-      uncaptured = stats_lib.stats_by_path(
-        frog_stats, stats_lib.UncapturedLayer
-      )
-      raise _missing_stats_error(
-        missing, {m: u.layer_type for m, u in uncaptured.items()}
-      )
-    new_leaves = {}
-    layers = dict(state.layers)
     init_layouts = layouts_lib.layouts_by_path(layouts, updates)
+    new_leaves, layers = {}, dict(state.layers)
     for m in chosen:
-      leaves, layer_stats = modules[m], by_path[m]
-      _check_layer_shapes(m, layer_stats, leaves)
-      if m not in state.layers and preconditioner.init(leaves) is not None:
-        raise ValueError(
-          f'The optimizer state has no entry for {m!r}: it was initialised'
-          ' with other parameters (or other `exclude` settings) than those'
-          f' it updates; state entries: {sorted(state.layers)[:10]}.'
-        )
-      layout = layer_stats.layout
-      dtype = solve_dtype(leaves)
-      direction = layouts_lib.to_row_stacked(
-        {k: v.astype(dtype) for k, v in leaves.items()}, layout
-      )
       init_layout = init_layouts.get(m, stats_lib.ParamLayout())
-      if m in state.layers and layout != init_layout:
-        raise _layout_mismatch(m, init_layout, layout)
-      update_one = lambda s, d, st, m=m: preconditioner.update(
-        m, s, d, st, state.count
+      check_module(m, modules[m], by_path[m], state, init_layout)
+      new_leaves[m], layer_state = update_module(
+        m, modules[m], by_path[m], state.layers.get(m), state.count
       )
-      u, layer_state = layouts_lib.per_layer(update_one, layout)(
-        layouts_lib.layer_stats(layer_stats), direction, state.layers.get(m)
-      )
-      u = layouts_lib.from_row_stacked(u, layout, leaves)
-      new_leaves[m] = {k: u[k].astype(v.dtype) for k, v in leaves.items()}
       if layer_state is not None:
         layers[m] = layer_state
-
-    def replace(path, leaf):
-      module, name = stats_lib.module_and_leaf(path)
-      if module in new_leaves:
-        return new_leaves[module][name]
-      return leaf
-
-    updates = jax.tree_util.tree_map_with_path(replace, updates)
     new_state = RowPreconditionerState(
       count=optax.safe_increment(state.count), layers=layers
     )
-    return updates, new_state
+    return _replace_modules(updates, new_leaves), new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
-
-def schedule_value(value: optax.ScalarOrSchedule, count: jax.Array):
-  """A hyper-parameter at step `count`: calls schedules, passes numbers."""
-  return value(count) if callable(value) else value
-
-
-def nonnegative_or_nan(value: Any) -> jax.Array:
-  """`value`, or NaN where it is negative.
-
-  For values that cannot be checked at construction (schedules, traced
-  hyper-parameters): an invalid damping must make the step visibly
-  non-finite (and skippable with :func:`frog_optax.apply_if_finite`), not
-  give a finite update of an indefinite system.
-  """
-  value = jnp.asarray(value)
-  return jnp.where(value >= 0, value, jnp.nan)
-
-
-def scaled(learning_rate: optax.ScalarOrSchedule, ratio: Any):
-  """`learning_rate * ratio`, keeping schedules schedules."""
-  if callable(learning_rate):
-    return lambda count: learning_rate(count) * ratio
-  return learning_rate * ratio
 
 
 def solve_dtype(direction: RowParams):
   """Solves run in at least float32 (float64 stays float64)."""
   return jnp.promote_types(direction['kernel'].dtype, jnp.float32)
-
-
-def heavy_ball(
-  momentum: Any, nesterov: bool, mu_dtype: Any
-) -> optax.GradientTransformation:
-  """`optax.trace`, except that momentum 0 carries nothing between steps.
-
-  `optax.trace` computes `g + β·m`, which at β = 0 keeps a NaN or infinity
-  of one step in every later step (0·inf = nan); with β = 0 the direction
-  is the gradient alone.
-  """
-  trace = optax.trace(
-    decay=momentum, nesterov=nesterov, accumulator_dtype=mu_dtype
-  )
-  if validation.is_concrete_number(momentum) and float(momentum) > 0:
-    return trace
-
-  def update_fn(updates, state, params=None):
-    forget = lambda m: jnp.where(momentum == 0, jnp.zeros_like(m), m)
-    state = state._replace(trace=jax.tree.map(forget, state.trace))
-    return trace.update(updates, state, params)
-
-  return optax.GradientTransformation(trace.init, update_fn)
-
-
-def reference_fallback(
-  learning_rate: optax.ScalarOrSchedule,
-  *,
-  momentum: Any = 0.9,
-  nesterov: bool = False,
-  weight_decay: Any = 0.0,
-  weight_decay_mask: Any = None,
-  mu_dtype: Any = None,
-) -> optax.GradientTransformation:
-  """The reference FROG's rule for other parameters: momentum SGD.
-
-  Coupled weight decay (`wd·θ` added to the gradient before momentum), as in
-  `torch.optim.SGD`.
-  """
-  return optax.chain(
-    optax.add_decayed_weights(weight_decay, weight_decay_mask),
-    heavy_ball(momentum, nesterov, mu_dtype),
-    optax.scale_by_learning_rate(learning_rate),
-  )
-
-
-def resolve_fallback(
-  fallback: optax.GradientTransformation | None,
-  other_lr_ratio: float | None,
-  default_ratio: float,
-  build_default: Callable[[optax.ScalarOrSchedule], Any],
-  learning_rate: optax.ScalarOrSchedule,
-) -> optax.GradientTransformation:
-  """The user's fallback, or `build_default(learning_rate * ratio)`."""
-  if fallback is not None:
-    if other_lr_ratio is not None:
-      raise ValueError(
-        'other_lr_ratio only configures the default fallback; set the'
-        ' learning rate of your own fallback transformation instead.'
-      )
-    return fallback
-  ratio = default_ratio if other_lr_ratio is None else other_lr_ratio
-  validation.check_range('other_lr_ratio', ratio, low=0.0)
-  return build_default(scaled(learning_rate, ratio))
-
-
-def check_common(learning_rate, weight_decay):
-  """Checks the hyper-parameters every alias of the family has."""
-  validation.check_range(
-    'learning_rate', learning_rate, low=0.0, allow_schedule=True
-  )
-  validation.check_range('weight_decay', weight_decay, low=0.0)
-
-
-def heavy_ball_optimizer(
-  scale_by: optax.GradientTransformationExtraArgs,
-  learning_rate: optax.ScalarOrSchedule,
-  *,
-  momentum: float,
-  nesterov: bool,
-  weight_decay: float,
-  weight_decay_mask: Any,
-  exclude: Sequence[str],
-  fallback: optax.GradientTransformation | None,
-  other_lr_ratio: float | None,
-  default_other_lr_ratio: float,
-  mu_dtype: Any,
-) -> optax.GradientTransformationExtraArgs:
-  """momentum → `scale_by` → decoupled weight decay → learning rate.
-
-  The alias shape of FROG, K-FROG and FOOF. Parameters `scale_by` does not
-  own go to `fallback`, by default the reference's momentum SGD at
-  `learning_rate * other_lr_ratio` with coupled weight decay.
-  """
-  check_common(learning_rate, weight_decay)
-  validation.check_range(
-    'momentum', momentum, low=0.0, high=1.0, high_inclusive=False
-  )
-  validation.check_bool('nesterov', nesterov)
-  exclude = validation.normalize_paths('exclude', exclude)
-  fallback = resolve_fallback(
-    fallback,
-    other_lr_ratio,
-    default_other_lr_ratio,
-    lambda lr: reference_fallback(
-      lr,
-      momentum=momentum,
-      nesterov=nesterov,
-      weight_decay=weight_decay,
-      weight_decay_mask=weight_decay_mask,
-      mu_dtype=mu_dtype,
-    ),
-    learning_rate,
-  )
-  preconditioned = optax.chain(
-    heavy_ball(momentum, nesterov, mu_dtype),
-    scale_by,
-    optax.add_decayed_weights(weight_decay, weight_decay_mask),
-    optax.scale_by_learning_rate(learning_rate),
-  )
-  return routing.route(preconditioned, fallback, exclude)

@@ -23,9 +23,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from frog_optax._src import cg as cg_lib
 from frog_optax._src import stats as stats_lib
 
-RowParams = dict[str, jax.Array]  # {'kernel': (..., rows), 'bias'?: (rows,)}
+RowParams = stats_lib.RowParams
 
 
 def conv_dimension_numbers(num_spatial_dims: int) -> lax.ConvDimensionNumbers:
@@ -210,6 +211,24 @@ def weighted_gram_operator(
     return {k: gram_v[k] + damping * v[k] for k in v}
 
   return matvec
+
+
+def input_gram_cg(
+  layer_stats: stats_lib.LayerStats,
+  rhs: RowParams,
+  damping: Any,
+  cg_iters: int | jax.Array,
+) -> RowParams:
+  """`cg_iters` batched CG steps on `(XᵀX/N + damping·I) z = rhs`, all rows.
+
+  The input side of FOOF and K-FROG. `rhs` must already be in the solve
+  dtype.
+  """
+  dtype = rhs['kernel'].dtype
+  matvec = weighted_gram_operator(
+    layer_stats, rhs, 1.0 / layer_stats.inputs.shape[0], damping, dtype
+  )
+  return cg_lib.batched_cg(matvec, rhs, cg_iters, row_inner)
 
 
 ROW_BLOCKS = ('exact', 'kronecker')

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
-from frog_optax._src import cg as cg_lib
+from frog_optax._src import aliases
 from frog_optax._src import dense_rows
 from frog_optax._src import family
 from frog_optax._src import fisher
@@ -42,23 +42,6 @@ class FoofLayerState(NamedTuple):
 
   second_moment: jax.Array  # (groups, D, D): EMA of XᵀX/N, not debiased.
   factor: jax.Array  # (groups, D, D): Cholesky factor of the damped average.
-
-
-def input_gram_cg(
-  layer_stats: stats_lib.LayerStats,
-  rhs: family.RowParams,
-  damping: Any,
-  cg_iters: int | jax.Array,
-) -> family.RowParams:
-  """`cg_iters` batched CG steps on `(XᵀX/N + damping·I) z = rhs`, all rows.
-
-  `rhs` must already be in the solve dtype.
-  """
-  dtype = rhs['kernel'].dtype
-  matvec = fisher.weighted_gram_operator(
-    layer_stats, rhs, 1.0 / layer_stats.inputs.shape[0], damping, dtype
-  )
-  return cg_lib.batched_cg(matvec, rhs, cg_iters, fisher.row_inner)
 
 
 def input_second_moment(
@@ -160,7 +143,7 @@ def scale_by_foof(
 
   def update_layer(name, layer_stats, direction, state, count):
     m, dtype = direction, direction['kernel'].dtype  # the solve dtype
-    tau = family.schedule_value(damping, count)
+    tau = aliases.schedule_value(damping, count)
     groups = getattr(layer_stats.geometry, 'feature_group_count', 1)
     if state is not None and groups > 1 and solver == 'cholesky':
       raise ValueError(
@@ -169,7 +152,7 @@ def scale_by_foof(
         ' exclude it.'
       )
     if state is None or groups > 1:
-      z = input_gram_cg(layer_stats, m, tau, cg_iters)
+      z = fisher.input_gram_cg(layer_stats, m, tau, cg_iters)
     else:
       estimate = input_second_moment(layer_stats, m, dtype)
       second_moment = (
@@ -270,7 +253,7 @@ def foof(
     Benzing, Gradient descent on neurons and its link to approximate
     second-order optimization, ICML 2022, https://arxiv.org/abs/2201.12250
   """
-  return family.heavy_ball_optimizer(
+  return aliases.heavy_ball_optimizer(
     scale_by_foof(
       damping=damping,
       ema_decay=ema_decay,

@@ -8,7 +8,7 @@ Per layer (ALGORITHM.md §9):
 
 `ȳ` may be an exponential moving average over steps (`y_momentum`,
 bias-corrected like Adam's). N is the leading axis of the captured inputs.
-The input side is FOOF's solve (`foof.input_gram_cg`); the output side is a
+The input side is FOOF's solve (`fisher.input_gram_cg`); the output side is a
 per-row scalar, so K-FROG is a diagonal-times-Kronecker preconditioner
 rather than FROG's per-row Fisher.
 """
@@ -20,9 +20,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from frog_optax._src import aliases
 from frog_optax._src import family
 from frog_optax._src import fisher
-from frog_optax._src import foof
 from frog_optax._src import validation
 
 
@@ -84,8 +84,8 @@ def scale_by_kfrog(
     debias = 1.0 - y_momentum ** (count + 1).astype(dtype)
     row_scale = jax.lax.rsqrt(y_average / debias + eps)
     rhs = {k: v * row_scale for k, v in m.items()}
-    z = foof.input_gram_cg(
-      layer_stats, rhs, family.schedule_value(damping, count), cg_iters
+    z = fisher.input_gram_cg(
+      layer_stats, rhs, aliases.schedule_value(damping, count), cg_iters
     )
     x_mean = fisher.input_sq_sums(layer_stats, m, dtype)
     return {k: z[k] * jnp.sqrt(x_mean[k] / n) for k in z}, y_average
@@ -166,7 +166,7 @@ def kfrog(
     Breskanu, FROG (legacy `kfrog.py`),
     https://github.com/Fullfix/frog-optimizer
   """
-  return family.heavy_ball_optimizer(
+  return aliases.heavy_ball_optimizer(
     scale_by_kfrog(
       damping=damping,
       cg_iters=cg_iters,

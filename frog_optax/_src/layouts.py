@@ -18,7 +18,7 @@ import numpy as np
 
 from frog_optax._src import stats as stats_lib
 
-RowParams = dict[str, jax.Array]
+RowParams = stats_lib.RowParams
 
 
 def _permuted_kernel_shape(shape, layout: stats_lib.ParamLayout):

@@ -13,6 +13,10 @@ from typing import Any
 
 import jax
 
+# A module's parameters in the row-stacked form: {'kernel': (..., rows),
+# 'bias'?: (rows,)}.
+RowParams = dict[str, jax.Array]
+
 
 @dataclasses.dataclass(frozen=True)
 class DenseGeometry:

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from frog_optax._src import aliases
 from frog_optax._src import cg as cg_lib
 from frog_optax._src import dense_rows
 from frog_optax._src import family
@@ -78,7 +79,7 @@ def precondition_layer(
   # is relative to the row's largest entry squared.
   peaks = fisher.row_peaks(m)
   m = {k: v / peaks for k, v in m.items()}
-  damping = family.nonnegative_or_nan(damping)
+  damping = aliases.nonnegative_or_nan(damping)
   curvature = dict(
     trace_normalization=trace_normalization, row_blocks=row_blocks
   )
@@ -253,7 +254,7 @@ def scale_by_frog(
     row_size = fisher.row_dimension(direction)
     samples = layer_stats.num_samples
     _warn_if_rank_deficient(name, row_size, samples, damping, rank_damping)
-    tau = family.nonnegative_or_nan(family.schedule_value(damping, count))
+    tau = aliases.nonnegative_or_nan(aliases.schedule_value(damping, count))
     u = precondition_layer(
       layer_stats,
       direction,
@@ -392,7 +393,7 @@ def frog(
   """
   # `exclude` is applied by the routing: excluded layers never reach
   # scale_by_frog.
-  return family.heavy_ball_optimizer(
+  return aliases.heavy_ball_optimizer(
     scale_by_frog(
       damping=damping,
       rank_damping=rank_damping,
