@@ -17,6 +17,11 @@ from frog_optax._src.fisher import row_fisher_operator
 from frog_optax._src.foof import FoofLayerState
 from frog_optax._src.foof import foof
 from frog_optax._src.foof import scale_by_foof
+from frog_optax._src.frog import RankDeficientFisherWarning
+from frog_optax._src.frog import ScaleByFrogState
+from frog_optax._src.frog import frog
+from frog_optax._src.frog import precondition_layer
+from frog_optax._src.frog import scale_by_frog
 from frog_optax._src.guard import apply_if_finite
 from frog_optax._src.kfrog import kfrog
 from frog_optax._src.kfrog import scale_by_kfrog
@@ -27,11 +32,6 @@ from frog_optax._src.stats import DenseGeometry
 from frog_optax._src.stats import LayerStats
 from frog_optax._src.stats import ParamLayout
 from frog_optax._src.stats import UncapturedLayer
-from frog_optax._src.transform import RankDeficientFisherWarning
-from frog_optax._src.transform import ScaleByFrogState
-from frog_optax._src.transform import frog
-from frog_optax._src.transform import precondition_layer
-from frog_optax._src.transform import scale_by_frog
 
 __version__ = '0.1.0'
 

@@ -35,6 +35,7 @@ from frog_optax._src import capture as capture_lib
 from frog_optax._src import describe as describe_lib
 from frog_optax._src import layer_maps
 from frog_optax._src import layouts as layouts_lib
+from frog_optax._src import paths
 from frog_optax._src import stats as stats_lib
 from frog_optax._src import validation
 
@@ -235,15 +236,15 @@ def _assemble_stats(session: _Session, output_grads: list[Any], axis_name):
   for inputs_tree, grads_tree in zip(session.collected_inputs, output_grads):
     for path, leaf in jax.tree_util.tree_flatten_with_path(inputs_tree)[0]:
       # path = (*module, 'inputs', call_index)
-      module = stats_lib.path_name(path[:-2])
+      module = paths.path_name(path[:-2])
       flat_inputs.setdefault(module, []).append(leaf)
     # Leaves are named output_grads_<call index>; order them by that index.
     by_call = sorted(
       jax.tree_util.tree_flatten_with_path(grads_tree)[0],
-      key=lambda item: int(stats_lib.key_name(item[0][-1]).rsplit('_', 1)[1]),
+      key=lambda item: int(paths.key_name(item[0][-1]).rsplit('_', 1)[1]),
     )
     for path, leaf in by_call:
-      module = stats_lib.path_name(path[:-1])
+      module = paths.path_name(path[:-1])
       flat_grads.setdefault(module, []).append(leaf)
   return session.layer_stats(flat_inputs, flat_grads, axis_name)
 
@@ -253,7 +254,7 @@ def _check_all_perturbed(session: _Session, perturbation_shapes) -> None:
   seen = set()
   for tree in perturbation_shapes:
     for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]:
-      seen.add(stats_lib.path_name(path[:-1]))
+      seen.add(paths.path_name(path[:-1]))
   lost = sorted(set(session.kinds) - seen)
   if lost:
     raise NotImplementedError(

@@ -44,6 +44,7 @@ from frog_optax._src import capture as capture_lib
 from frog_optax._src import describe as describe_lib
 from frog_optax._src import layer_maps
 from frog_optax._src import layouts as layouts_lib
+from frog_optax._src import paths
 from frog_optax._src import stats as stats_lib
 from frog_optax._src import validation
 
@@ -185,7 +186,7 @@ def _capturing_layers():
 
 def _captured_modules(model: nnx.Module) -> dict[str, nnx.Module]:
   return {
-    stats_lib.path_name(path): module
+    paths.path_name(path): module
     for path, module in nnx.iter_modules(model)
     if isinstance(module, _CAPTURED_TYPES)
   }
@@ -210,8 +211,8 @@ def _calls(state: nnx.State, prefix: str) -> dict[str, list[jax.Array]]:
   """`{module path: [value of call 0, call 1, ...]}` from capture Variables."""
   by_call: dict[str, dict[int, jax.Array]] = {}
   for path, value in nnx.to_flat_state(state):
-    name = stats_lib.key_name(path[-1])
-    module = stats_lib.path_name(path[:-1])
+    name = paths.key_name(path[-1])
+    module = paths.path_name(path[:-1])
     value = value[...] if isinstance(value, nnx.Variable) else value
     by_call.setdefault(module, {})[int(name[len(prefix) :])] = value
   return {m: [calls[i] for i in sorted(calls)] for m, calls in by_call.items()}
@@ -220,7 +221,7 @@ def _calls(state: nnx.State, prefix: str) -> dict[str, list[jax.Array]]:
 def _uncaptured_modules(model: nnx.Module) -> dict[str, str]:
   """`{path: type name}` of the modules with a kernel the capture skips."""
   return {
-    stats_lib.path_name(path): type(module).__name__
+    paths.path_name(path): type(module).__name__
     for path, module in nnx.iter_modules(model)
     if not isinstance(module, _CAPTURED_TYPES)
     and isinstance(getattr(module, 'kernel', None), nnx.Param)

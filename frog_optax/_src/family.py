@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import optax
 
 from frog_optax._src import layouts as layouts_lib
+from frog_optax._src import paths
 from frog_optax._src import routing
 from frog_optax._src import stats as stats_lib
 from frog_optax._src import validation
@@ -162,7 +163,7 @@ def _replace_modules(tree: Any, new_leaves: dict[str, RowParams]) -> Any:
   """`tree` with the leaves of the modules in `new_leaves` replaced."""
 
   def replace(path, leaf):
-    module, name = stats_lib.module_and_leaf(path)
+    module, name = paths.module_and_leaf(path)
     if module in new_leaves:
       return new_leaves[module][name]
     return leaf

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from frog_optax._src import paths
 from frog_optax._src import stats as stats_lib
 
 RowParams = stats_lib.RowParams
@@ -135,7 +136,7 @@ def layouts_by_path(
     if isinstance(leaf, stats_lib.LayerStats):
       leaf = leaf.layout
     if isinstance(leaf, stats_lib.ParamLayout):
-      out[stats_lib.path_name(path)] = leaf
+      out[paths.path_name(path)] = leaf
   return out
 
 

@@ -13,7 +13,7 @@ from typing import Any
 import jax
 import optax
 
-from frog_optax._src import stats as stats_lib
+from frog_optax._src import paths
 from frog_optax._src import validation
 
 PRECONDITIONED = 'frog'
@@ -24,7 +24,7 @@ def module_leaves(tree: Any) -> dict[str, dict[str, Any]]:
   """Groups the leaves of a tree by parent path: `{module: {name: leaf}}`."""
   modules: dict[str, dict[str, Any]] = {}
   for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-    parent, name = stats_lib.module_and_leaf(path)
+    parent, name = paths.module_and_leaf(path)
     modules.setdefault(parent, {})[name] = leaf
   return modules
 
@@ -100,9 +100,7 @@ def frog_param_labels(params: Any, exclude: Sequence[str] = ()) -> Any:
   chosen = set(preconditioned_modules(params, exclude))
   return jax.tree_util.tree_map_with_path(
     lambda path, _: (
-      PRECONDITIONED
-      if stats_lib.module_and_leaf(path)[0] in chosen
-      else FALLBACK
+      PRECONDITIONED if paths.module_and_leaf(path)[0] in chosen else FALLBACK
     ),
     params,
   )

@@ -13,6 +13,8 @@ from typing import Any
 
 import jax
 
+from frog_optax._src import paths
+
 # A module's parameters in the row-stacked form: {'kernel': (..., rows),
 # 'bias'?: (rows,)}.
 RowParams = dict[str, jax.Array]
@@ -132,38 +134,6 @@ jax.tree_util.register_dataclass(
 )
 
 
-def key_name(key: Any) -> str:
-  """The name of one tree-path entry (dict key, attribute or index)."""
-  for attr in ('key', 'name', 'idx'):
-    if hasattr(key, attr):
-      return str(getattr(key, attr))
-  return str(key)
-
-
-def path_name(path: tuple[Any, ...]) -> str:
-  """A '/'-joined module or parameter path, as used by `exclude`."""
-  return '/'.join(key_name(k) for k in path)
-
-
-def param_path(path: tuple[Any, ...]) -> tuple[Any, ...]:
-  """A leaf's path without the `.value` of a Flax NNX `Variable`.
-
-  `nnx.Optimizer` initialises the optimizer with a state of Variables
-  (paths end in `.value`) and updates it with plain arrays; both must name
-  the same parameter.
-  """
-  last = path[-1] if path else None
-  if isinstance(last, jax.tree_util.GetAttrKey) and last.name == 'value':
-    return path[:-1]
-  return path
-
-
-def module_and_leaf(path: tuple[Any, ...]) -> tuple[str, str]:
-  """`('block/Dense_0', 'kernel')` for a parameter leaf's tree path."""
-  path = param_path(path)
-  return path_name(path[:-1]), key_name(path[-1])
-
-
 def is_stats_leaf(x: Any) -> bool:
   return x is None or isinstance(x, (LayerStats, UncapturedLayer))
 
@@ -177,7 +147,7 @@ def stats_by_path(stats: Any, kind: type = LayerStats) -> dict[str, Any]:
   """
   flat, _ = jax.tree_util.tree_flatten_with_path(stats, is_leaf=is_stats_leaf)
   return {
-    path_name(path): leaf for path, leaf in flat if isinstance(leaf, kind)
+    paths.path_name(path): leaf for path, leaf in flat if isinstance(leaf, kind)
   }
 
 

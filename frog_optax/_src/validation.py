@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from frog_optax._src import stats as stats_lib
+from frog_optax._src import paths
 
 
 def is_concrete_number(value: Any) -> bool:
@@ -162,18 +162,18 @@ def check_cg_iters(cg_iters):
     )
 
 
-def check_float_params(tree: Any, paths: Any = None) -> None:
+def check_float_params(tree: Any, modules: Any = None) -> None:
   """Refuses integer (or other non-float) parameters, naming them.
 
   Args:
     tree: parameters (or updates).
-    paths: only check leaves of these module paths (default: all).
+    modules: only check leaves of these module paths (default: all).
   """
   bad = []
   for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-    module, name = stats_lib.module_and_leaf(path)
+    module, name = paths.module_and_leaf(path)
     dtype = getattr(leaf, 'dtype', None)
-    if paths is not None and module not in paths:
+    if modules is not None and module not in modules:
       continue
     if dtype is not None and not jnp.issubdtype(dtype, jnp.inexact):
       bad.append(f'{module}/{name}: {dtype}')

@@ -18,14 +18,9 @@ from frog_optax._src import cg as cg_lib
 from frog_optax._src import dense_rows
 from frog_optax._src import family
 from frog_optax._src import fisher
-from frog_optax._src import routing
 from frog_optax._src import stats as stats_lib
 from frog_optax._src import validation
 
-# Re-exported: FROG's routing is the family's.
-module_leaves = routing.module_leaves
-preconditioned_modules = routing.preconditioned_modules
-frog_param_labels = routing.frog_param_labels
 ScaleByFrogState = family.RowPreconditionerState
 
 SOLVERS = ('cg', 'cholesky')
