@@ -230,6 +230,18 @@ def _stack_problem(capture_axes=True):
   return params, loss_fn
 
 
+def _one_layer_of_stack(stats, grads, name, layer):
+  """Layer `layer` of the stacked module `name`: its stats and gradients."""
+  full = stats['layers'][name]
+  one = fo.LayerStats(
+    inputs=full.inputs[layer],
+    output_grads=full.output_grads[layer],
+    geometry=full.geometry,
+    layout=dataclasses.replace(full.layout, stacked_axes=0),
+  )
+  return one, jax.tree.map(lambda a: a[layer], grads['layers'][name])
+
+
 def test_scan_stacked_layers_are_preconditioned_one_by_one():
   params, loss_fn = _stack_problem()
   _, grads, stats = jax.jit(fo.linen.value_and_grad(loss_fn, sample_size=2))(
@@ -246,14 +258,7 @@ def test_scan_stacked_layers_are_preconditioned_one_by_one():
   # The same update, one layer of the stack at a time, unstacked by hand.
   for layer in range(3):
     for name in ('heads', 'merge'):
-      full = stats['layers'][name]
-      one = fo.LayerStats(
-        inputs=full.inputs[layer],
-        output_grads=full.output_grads[layer],
-        geometry=full.geometry,
-        layout=fo.ParamLayout(num_input_axes=full.layout.num_input_axes),
-      )
-      g = jax.tree.map(lambda a, i=layer: a[i], grads['layers'][name])
+      one, g = _one_layer_of_stack(stats, grads, name, layer)
       u, _ = tx.update({name: g}, tx.init({name: g}), frog_stats={name: one})
       jax.tree.map(
         lambda a, b, i=layer: np.testing.assert_allclose(a[i], b, rtol=1e-10),
@@ -331,14 +336,7 @@ def test_stateful_members_precondition_scan_stacks_layer_by_layer(member):
   got = _three_steps(STATEFUL[member](layouts=stats), params, grads, stats)
   for layer in range(3):
     for name in ('heads', 'merge'):
-      full = stats['layers'][name]
-      one = fo.LayerStats(
-        inputs=full.inputs[layer],
-        output_grads=full.output_grads[layer],
-        geometry=full.geometry,
-        layout=dataclasses.replace(full.layout, stacked_axes=0),
-      )
-      g = jax.tree.map(lambda a, i=layer: a[i], grads['layers'][name])
+      one, g = _one_layer_of_stack(stats, grads, name, layer)
       want = _three_steps(
         STATEFUL[member](layouts={name: one}),
         {name: g},
