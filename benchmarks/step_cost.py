@@ -107,12 +107,10 @@ def layer_pieces(layer_stats, grads, cg_iters):
     layer_stats.output_grads,
   )
   trace = jax.jit(
-    lambda x: fisher.patch_sq_norms(
-      geom, x, grads['kernel'].shape, 'bias' in grads
-    )
+    lambda x: geom.patch_sq_norms(x, grads['kernel'].shape, 'bias' in grads)
   )
-  forward = jax.jit(lambda x, v: fisher.layer_forward(geom, x, v))
-  transpose = jax.jit(lambda x, c: fisher.layer_transpose(geom, x, grads)(c))
+  forward = jax.jit(geom.forward)
+  transpose = jax.jit(lambda x, c: geom.transpose(x, grads)(c))
   solve = jax.jit(
     lambda s, g: fo.precondition_layer(
       s, g, damping=1e-3, cg_iters=cg_iters, eps=1e-10

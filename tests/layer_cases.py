@@ -5,7 +5,6 @@ import jax.numpy as jnp
 import numpy as np
 
 import frog_optax as fo
-from frog_optax._src import fisher
 
 import explicit
 
@@ -82,7 +81,7 @@ def make_layer(spec, has_bias, seed=0):
     features = explicit.row_feature_matrices(
       patches, k_shape[-1], groups, has_bias
     )
-  outputs = fisher.layer_forward(geometry, jnp.asarray(x), params)
+  outputs = geometry.forward(jnp.asarray(x), params)
   dy = rng.normal(size=outputs.shape)
   stats = fo.LayerStats(jnp.asarray(x), jnp.asarray(dy), geometry)
   return stats, params, features

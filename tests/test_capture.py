@@ -15,7 +15,6 @@ import optax
 import pytest
 
 import frog_optax as fo
-from frog_optax._src import fisher
 from frog_optax._src import layouts
 from frog_optax._src import stats as stats_lib
 
@@ -117,7 +116,7 @@ def test_captured_rows_match_explicit_reshapes(name):
   )
   # The row-stacked Dense map reproduces the layer on the sample.
   np.testing.assert_allclose(
-    fisher.layer_forward(st.geometry, st.inputs, row_stacked),
+    st.geometry.forward(st.inputs, row_stacked),
     y_rows(y[::2]),
     rtol=1e-12,
   )
@@ -186,7 +185,7 @@ def test_attention_projections_are_captured_and_embed_falls_back():
   for name, st in by_path.items():
     leaves = grads['attn'][name.split('/')[1]] if '/' in name else grads[name]
     row_stacked = layouts.to_row_stacked(leaves, st.layout)
-    transpose = fisher.layer_transpose(st.geometry, st.inputs, row_stacked)
+    transpose = st.geometry.transpose(st.inputs, row_stacked)
     got = jax.tree.map(lambda a: a / BATCH, transpose(st.output_grads))
     got = layouts.from_row_stacked(got, st.layout, leaves)
     jax.tree.map(

@@ -22,7 +22,7 @@ class TestRowFisherOperator:
     stats, params, features = make_layer(spec, has_bias)
     rows = explicit.rows_to_vectors(params['kernel'], params.get('bias'))
     want = np.einsum('jnd,jd->nj', features, rows)
-    got = fisher.layer_forward(stats.geometry, stats.inputs, params)
+    got = stats.geometry.forward(stats.inputs, params)
     np.testing.assert_allclose(
       np.asarray(got).reshape(-1, rows.shape[0]), want, rtol=1e-10, atol=1e-10
     )
@@ -44,9 +44,9 @@ class TestRowFisherOperator:
     stats, params, _ = make_layer(spec, has_bias)
     rng = np.random.default_rng(1)
     v = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape)), params)
-    out = fisher.layer_forward(stats.geometry, stats.inputs, v)
+    out = stats.geometry.forward(stats.inputs, v)
     w = jnp.asarray(rng.normal(size=out.shape))
-    transpose = fisher.layer_transpose(stats.geometry, stats.inputs, params)
+    transpose = stats.geometry.transpose(stats.inputs, params)
     lhs = float(jnp.vdot(out, w))
     rhs = sum(
       float(jnp.vdot(a, b))
@@ -56,8 +56,8 @@ class TestRowFisherOperator:
 
   def test_patches_are_each_groups_design_matrix(self, spec, has_bias):
     stats, params, features = make_layer(spec, has_bias)
-    patches = fisher.input_patches(
-      stats.geometry, stats.inputs, params['kernel'].shape, has_bias
+    patches = stats.geometry.patches(
+      stats.inputs, params['kernel'].shape, has_bias
     )
     groups = patches.shape[0]
     rows_per_group = features.shape[0] // groups

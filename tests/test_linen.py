@@ -9,7 +9,6 @@ import optax
 import pytest
 
 import frog_optax as fo
-from frog_optax._src import fisher
 
 import models
 
@@ -38,7 +37,7 @@ def test_full_sample_transpose_reproduces_kernel_gradient():
   for name in ('Conv_0', 'Conv_1', 'head'):
     st = stats[name]
     assert st.inputs.shape[0] == models.BATCH
-    transpose = fisher.layer_transpose(st.geometry, st.inputs, grads[name])
+    transpose = st.geometry.transpose(st.inputs, grads[name])
     # output_grads carry a factor B (mean-reduced loss).
     got = jax.tree.map(lambda g: g / models.BATCH, transpose(st.output_grads))
     chex.assert_trees_all_close(got, grads[name], rtol=1e-10, atol=1e-14)
@@ -116,7 +115,7 @@ def test_captured_linear_map_reproduces_module(name):
   st = stats['layer']
   y = model.apply({'params': params}, x)[::2]  # strided rows 0 and 2
   y = y.reshape((-1,) + st.output_grads.shape[1:])
-  got = fisher.layer_forward(st.geometry, st.inputs, params['layer'])
+  got = st.geometry.forward(st.inputs, params['layer'])
   np.testing.assert_allclose(got, y, rtol=1e-10, atol=1e-12)
   np.testing.assert_allclose(st.output_grads, 4 * jnp.cos(y), rtol=1e-10)
 
@@ -179,7 +178,7 @@ def test_nested_remat_and_shared_modules():
   # both calls, their total batch size 6 + 6).
   st = stats['shared']
   assert st.inputs.shape == (12, 4)
-  transpose = fisher.layer_transpose(st.geometry, st.inputs, grads['shared'])
+  transpose = st.geometry.transpose(st.inputs, grads['shared'])
   got = jax.tree.map(lambda g: g / 12, transpose(st.output_grads))
   chex.assert_trees_all_close(got, grads['shared'], rtol=1e-10)
 

@@ -218,34 +218,6 @@ def _adafisher(
   return routing.route(preconditioned, fallback, exclude)
 
 
-_ARGS_DOC = """
-  Args:
-    learning_rate: η, a float or an optax schedule (the paper's grid picks
-      around 1e-3).
-    beta: decay of the gradient moving average m (bias-corrected), in [0, 1).
-    weight_decay: ρ >= 0, {coupling}.
-    weight_decay_mask: optional mask, as in `optax.add_decayed_weights`.
-    damping: λ >= 0 added to the normalised factors.
-    decay: γ of the paper-form factor average (default 0.92).
-    update_interval: steps between factor refreshes (default 1; 100 with
-      `released_code=True`).
-    released_code: the released code's factor averages (module docstring of
-      `frog_optax._src.adafisher`).
-    exclude: module paths sent to the fallback.
-    layouts: see :func:`scale_by_adafisher`.
-    fallback: optax transformation for parameters without factors (BatchNorm,
-      LayerNorm, embeddings, excluded layers). Default: this same update with
-      the factors replaced by 1, as the released code treats parameters it
-      has no factors for. The paper's BatchNorm/LayerNorm factors are not
-      implemented.
-    mu_dtype: dtype of the moving average of the gradients.
-
-  Returns:
-    An `optax.GradientTransformationExtraArgs`; `update` requires the keyword
-    argument `frog_stats`.
-"""
-
-
 def adafisher(
   learning_rate: optax.ScalarOrSchedule,
   *,
@@ -267,7 +239,34 @@ def adafisher(
     m_t = \beta m_{t-1} + (1-\beta)(g_t + \rho\theta), \quad
     \theta \leftarrow \theta - \eta\,
       \frac{m_t / (1-\beta^t)}{H \otimes S + \lambda}.
-  @ARGS@
+
+  Args:
+    learning_rate: η, a float or an optax schedule (the paper's grid picks
+      around 1e-3).
+    beta: decay of the gradient moving average m (bias-corrected), in [0, 1).
+    weight_decay: ρ >= 0, coupled: added to the gradient.
+    weight_decay_mask: optional mask, as in `optax.add_decayed_weights`.
+    damping: λ >= 0 added to the normalised factors.
+    decay: γ of the paper-form factor average (default 0.92).
+    update_interval: steps between factor refreshes (default 1; 100 with
+      `released_code=True`).
+    released_code: average the factors as the authors' released PyTorch
+      code does, `F ← 0.08·F + 0.008·minmax(new)` (its weights do not sum
+      to one), refreshed every 100 steps, instead of the paper's
+      `F ← γF + (1 − γ)·minmax(new)` every step.
+    exclude: module paths sent to the fallback.
+    layouts: see :func:`scale_by_adafisher`.
+    fallback: optax transformation for parameters without factors (BatchNorm,
+      LayerNorm, embeddings, excluded layers). Default: this same update with
+      the factors replaced by 1, as the released code treats parameters it
+      has no factors for. The paper's BatchNorm/LayerNorm factors are not
+      implemented.
+    mu_dtype: dtype of the moving average of the gradients.
+
+  Returns:
+    An `optax.GradientTransformationExtraArgs`; `update` requires the keyword
+    argument `frog_stats`.
+
   Example:
     >>> import flax.linen as nn, jax, jax.numpy as jnp, optax
     >>> import frog_optax as fo
@@ -328,7 +327,34 @@ def adafisherw(
     m_t = \beta m_{t-1} + (1-\beta) g_t, \quad
     \theta \leftarrow \theta - \eta \left(
       \frac{m_t / (1-\beta^t)}{H \otimes S + \lambda} + \rho\theta\right).
-  @ARGS@
+
+  Args:
+    learning_rate: η, a float or an optax schedule (the paper's grid picks
+      around 1e-3).
+    beta: decay of the gradient moving average m (bias-corrected), in [0, 1).
+    weight_decay: ρ >= 0, decoupled: subtracted as η·ρ·θ.
+    weight_decay_mask: optional mask, as in `optax.add_decayed_weights`.
+    damping: λ >= 0 added to the normalised factors.
+    decay: γ of the paper-form factor average (default 0.92).
+    update_interval: steps between factor refreshes (default 1; 100 with
+      `released_code=True`).
+    released_code: average the factors as the authors' released PyTorch
+      code does, `F ← 0.08·F + 0.008·minmax(new)` (its weights do not sum
+      to one), refreshed every 100 steps, instead of the paper's
+      `F ← γF + (1 − γ)·minmax(new)` every step.
+    exclude: module paths sent to the fallback.
+    layouts: see :func:`scale_by_adafisher`.
+    fallback: optax transformation for parameters without factors (BatchNorm,
+      LayerNorm, embeddings, excluded layers). Default: this same update with
+      the factors replaced by 1, as the released code treats parameters it
+      has no factors for. The paper's BatchNorm/LayerNorm factors are not
+      implemented.
+    mu_dtype: dtype of the moving average of the gradients.
+
+  Returns:
+    An `optax.GradientTransformationExtraArgs`; `update` requires the keyword
+    argument `frog_stats`.
+
   Example:
     >>> import jax.numpy as jnp, frog_optax as fo
     >>> params = {'Dense_0': {'kernel': jnp.ones((3, 2)), 'bias': jnp.zeros(2)}}
@@ -357,12 +383,3 @@ def adafisherw(
     fallback=fallback,
     mu_dtype=mu_dtype,
   )
-
-
-# One argument list serves both docstrings.
-adafisher.__doc__ = adafisher.__doc__.replace(
-  '  @ARGS@\n', _ARGS_DOC.format(coupling='coupled: added to the gradient')
-)
-adafisherw.__doc__ = adafisherw.__doc__.replace(
-  '  @ARGS@\n', _ARGS_DOC.format(coupling='decoupled: subtracted as η·ρ·θ')
-)

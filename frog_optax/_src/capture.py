@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from frog_optax._src import batch_rows
+from frog_optax._src import geometry as geometry_lib
 from frog_optax._src import layer_maps
 from frog_optax._src import stats as stats_lib
 
@@ -143,7 +144,7 @@ def assemble(
   inputs: list[jax.Array],
   output_grads: list[jax.Array],
   batch_sizes: list[int],
-  geometry: stats_lib.LayerGeometry,
+  geometry: geometry_lib.LayerGeometry,
   layout: stats_lib.ParamLayout,
 ) -> stats_lib.LayerStats:
   """The `LayerStats` of one layer from all its calls.
@@ -158,12 +159,7 @@ def assemble(
   called once on their concatenation (a factor per call would re-weight
   the calls against each other).
   """
-  sample_ndim = (
-    2
-    if isinstance(geometry, stats_lib.DenseGeometry)
-    else geometry.num_spatial_dims + 2
-  )
-  k = inputs[0].ndim - sample_ndim
+  k = inputs[0].ndim - geometry.sample_ndim
   shapes = {(x.shape[:k], x.shape[k + 1 :]) for x in inputs}
   if k < 0 or len(shapes) > 1:
     raise NotImplementedError(

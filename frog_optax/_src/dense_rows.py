@@ -11,9 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from frog_optax._src import stats as stats_lib
-
-RowParams = stats_lib.RowParams
+from frog_optax._src.geometry import RowParams
 
 
 def to_matrix(rows: RowParams) -> jax.Array:

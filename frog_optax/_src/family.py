@@ -24,8 +24,8 @@ from frog_optax._src import paths
 from frog_optax._src import routing
 from frog_optax._src import stats as stats_lib
 from frog_optax._src import validation
+from frog_optax._src.geometry import RowParams
 
-RowParams = stats_lib.RowParams
 _MISSING = object()
 
 
@@ -78,27 +78,9 @@ def _check_layer_shapes(name, layer_stats, leaves):
     fail('the layout does not fit the kernel')
   if row_stacked[-1] != dy_shape[-1] or row_stacked[:k] != dy_shape[:k]:
     fail(f'they have {dy_shape[-1]} rows, the kernel {row_stacked[-1]}')
-  if isinstance(geometry, stats_lib.ConvGeometry):
-    ndim = geometry.num_spatial_dims + 2
-    if len(row_stacked) - k != ndim or len(x_shape) - k != ndim:
-      fail(
-        f'they are stats of a {geometry.num_spatial_dims}-D convolution'
-        f' and the kernel has {len(row_stacked) - k} axes'
-      )
-    groups = geometry.feature_group_count
-    if x_shape[-1] != row_stacked[-2] * groups or row_stacked[-1] % groups:
-      fail(
-        f'their inputs have {x_shape[-1]} channels, the kernel expects'
-        f' {row_stacked[-2]} per group × {groups} groups'
-      )
-  else:
-    if len(row_stacked) - k != 2 or len(x_shape) - k != 2:
-      fail('they are stats of a Dense layer and the kernel is not one')
-    if x_shape[-1] != row_stacked[-2]:
-      fail(
-        f'their inputs have {x_shape[-1]} features, the kernel expects'
-        f' {row_stacked[-2]}'
-      )
+  mismatch = geometry.kernel_mismatch(x_shape[k:], row_stacked[k:])
+  if mismatch:
+    fail(mismatch)
 
 
 def _missing_stats_error(missing, uncaptured) -> ValueError:

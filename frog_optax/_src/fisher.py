@@ -1,14 +1,15 @@
-"""Per-layer linear maps, their statistics, and the row-wise Fisher operator.
+"""Per-layer statistics and the row-wise Fisher operator.
 
 For one layer, `X(V)` maps row-stacked weights `V = {'kernel', 'bias'}` to the
 pre-activation outputs of the sampled examples, and `Xᵀ(G)` is its transpose
-(for a convolution: the weight-gradient convolution). All rows share `X`, so
+(for a convolution: the weight-gradient convolution); the layer's geometry
+provides both (`geometry.py`). All rows share `X`, so
 
   A(V) = Xᵀ(Λ̂ ⊙ X(V)) + τ V,
   Λ̂[..., j] = y_j² · D / Σ_{n,t} y²_{n,t,j} ‖x_{n,t}‖²
 
 applies every row's damped, trace-normalised Fisher `F_j / (tr F_j / D) + τ I`
-in one forward and one transposed layer op (ALGORITHM.md §2-3). The other
+in one forward and one transposed layer op. The other
 members of the family use the same maps with other weights (a scalar for
 `XᵀX`), the diagonals `diag(XᵀX)` and `diag(YᵀY)`, or, for the explicit
 solvers, the design matrix itself.
@@ -21,95 +22,10 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 
 from frog_optax._src import cg as cg_lib
 from frog_optax._src import stats as stats_lib
-
-RowParams = stats_lib.RowParams
-
-
-def conv_dimension_numbers(num_spatial_dims: int) -> lax.ConvDimensionNumbers:
-  """Channels-last numbers: inputs NHWC, kernel HWIO, outputs NHWC."""
-  n = num_spatial_dims
-  spatial = tuple(range(1, n + 1))
-  return lax.ConvDimensionNumbers(
-    lhs_spec=(0, n + 1) + spatial,
-    rhs_spec=(n + 1, n) + tuple(range(n)),
-    out_spec=(0, n + 1) + spatial,
-  )
-
-
-def _conv(geometry: stats_lib.ConvGeometry, x, kernel):
-  return lax.conv_general_dilated(
-    x,
-    kernel,
-    window_strides=geometry.strides,
-    padding=geometry.padding,
-    lhs_dilation=geometry.input_dilation,
-    rhs_dilation=geometry.kernel_dilation,
-    dimension_numbers=conv_dimension_numbers(geometry.num_spatial_dims),
-    feature_group_count=geometry.feature_group_count,
-  )
-
-
-def layer_forward(
-  geometry: stats_lib.LayerGeometry, inputs: jax.Array, params: RowParams
-) -> jax.Array:
-  """`X(V)`: the layer's outputs on `inputs` for weights `V` (all rows)."""
-  if isinstance(geometry, stats_lib.DenseGeometry):
-    outputs = inputs @ params['kernel']
-  else:
-    outputs = _conv(geometry, inputs, params['kernel'])
-  if 'bias' in params:
-    outputs = outputs + params['bias']
-  return outputs
-
-
-def layer_transpose(
-  geometry: stats_lib.LayerGeometry,
-  inputs: jax.Array,
-  params_like: RowParams,
-) -> Callable[[jax.Array], RowParams]:
-  """`Xᵀ(·)`: maps output cotangents back to row-stacked weights."""
-  if isinstance(geometry, stats_lib.DenseGeometry):
-
-    def dense_transpose(cotangent):
-      out = {'kernel': inputs.T @ cotangent}
-      if 'bias' in params_like:
-        out['bias'] = cotangent.sum(axis=0)
-      return out
-
-    return dense_transpose
-
-  forward = lambda p: layer_forward(geometry, inputs, p)
-  transpose = jax.linear_transpose(forward, params_like)
-  return lambda cotangent: transpose(cotangent)[0]
-
-
-def patch_sq_norms(
-  geometry: stats_lib.LayerGeometry,
-  inputs: jax.Array,
-  kernel_shape: tuple[int, ...],
-  has_bias: bool,
-) -> jax.Array:
-  """‖x_{n,t}‖² (+1 for the bias coordinate) of the patch each row sees.
-
-  Returns an array that broadcasts against the layer outputs: `(n, 1)` for
-  Dense; `(n, *out_spatial, 1 or rows)` for Conv (rows of one feature group
-  see the same patch, so one all-ones convolution per group suffices).
-  """
-  sq = jnp.square(inputs)
-  if isinstance(geometry, stats_lib.DenseGeometry):
-    norms = sq.sum(axis=-1, keepdims=True)
-  else:
-    groups = geometry.feature_group_count
-    window = tuple(kernel_shape[:-2])
-    ones = jnp.ones(window + (kernel_shape[-2], groups), sq.dtype)
-    norms = _conv(geometry, sq, ones)
-    if groups > 1:
-      norms = jnp.repeat(norms, kernel_shape[-1] // groups, axis=-1)
-  return norms + 1.0 if has_bias else norms
+from frog_optax._src.geometry import RowParams
 
 
 def row_inner(a: RowParams, b: RowParams) -> jax.Array:
@@ -124,40 +40,6 @@ def row_inner(a: RowParams, b: RowParams) -> jax.Array:
 def row_dimension(params: RowParams) -> int:
   """D: entries of one row, the bias counted as a homogeneous coordinate."""
   return int(np.prod(params['kernel'].shape[:-1])) + ('bias' in params)
-
-
-def input_patches(
-  geometry: stats_lib.LayerGeometry,
-  inputs: jax.Array,
-  kernel_shape: tuple[int, ...],
-  has_bias: bool,
-) -> jax.Array:
-  """The explicit design matrix of each feature group: `(groups, n·t, D)`.
-
-  Column `i` holds the input entry that multiplies `kernel[..., j]`
-  flattened at `i` (C order over all but the last axis), for every row `j`
-  of the group; the bias coordinate, when present, is a last column of ones.
-  A convolution with an identity kernel extracts the patches, so strides,
-  padding and dilation are the layer's own. Memory is `n·t·D` per group: for
-  the explicit solvers on small layers only.
-  """
-  if isinstance(geometry, stats_lib.DenseGeometry):
-    patches = inputs.reshape(1, -1, inputs.shape[-1])
-  else:
-    groups = geometry.feature_group_count
-    row_size = int(np.prod(kernel_shape[:-1]))
-    eye = jnp.eye(row_size, dtype=inputs.dtype).reshape(
-      tuple(kernel_shape[:-1]) + (row_size,)
-    )
-    # Block g of the output channels sees the input channels of group g.
-    out = _conv(
-      geometry, inputs, jnp.tile(eye, (1,) * (eye.ndim - 1) + (groups,))
-    )
-    patches = jnp.moveaxis(out.reshape(-1, groups, row_size), 1, 0)
-  if has_bias:
-    ones = jnp.ones(patches.shape[:-1] + (1,), patches.dtype)
-    patches = jnp.concatenate([patches, ones], axis=-1)
-  return patches
 
 
 def input_sq_sums(
@@ -175,7 +57,7 @@ def input_sq_sums(
     k: jax.ShapeDtypeStruct(v.shape, dtype) for k, v in params_like.items()
   }
   ones = jnp.ones(layer_stats.output_grads.shape, dtype)
-  return layer_transpose(geometry, sq, struct)(ones)
+  return geometry.transpose(sq, struct)(ones)
 
 
 def output_sq_sums(layer_stats: stats_lib.LayerStats, dtype: Any) -> jax.Array:
@@ -203,10 +85,10 @@ def weighted_gram_operator(
   params_struct = {
     k: jax.ShapeDtypeStruct(v.shape, dtype) for k, v in params_like.items()
   }
-  transpose = layer_transpose(geometry, inputs, params_struct)
+  transpose = geometry.transpose(inputs, params_struct)
 
   def matvec(v: RowParams) -> RowParams:
-    gram_v = transpose(weights * layer_forward(geometry, inputs, v))
+    gram_v = transpose(weights * geometry.forward(inputs, v))
     # A per-row damping `(rows,)` broadcasts over the last (row) axis.
     return {k: gram_v[k] + damping * v[k] for k in v}
 
@@ -295,8 +177,7 @@ def row_curvature(
     dy_sq = jnp.broadcast_to(mean, dy_sq.shape)
   if not trace_normalization:
     return RowCurvature(dy_sq / layer_stats.inputs.shape[0], 0.0)
-  norms = patch_sq_norms(
-    layer_stats.geometry,
+  norms = layer_stats.geometry.patch_sq_norms(
     layer_stats.inputs.astype(dtype),
     params_like['kernel'].shape,
     'bias' in params_like,
@@ -363,8 +244,7 @@ def row_fisher_matrices(
     layer_stats, params_like, dtype, **curvature_options
   )
   kernel_shape = params_like['kernel'].shape
-  patches = input_patches(
-    layer_stats.geometry,
+  patches = layer_stats.geometry.patches(
     layer_stats.inputs.astype(dtype),
     kernel_shape,
     'bias' in params_like,

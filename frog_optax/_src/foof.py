@@ -33,6 +33,7 @@ from frog_optax._src import family
 from frog_optax._src import fisher
 from frog_optax._src import stats as stats_lib
 from frog_optax._src import validation
+from frog_optax._src.geometry import RowParams
 
 SOLVERS = ('auto', 'cholesky', 'cg')
 
@@ -45,11 +46,10 @@ class FoofLayerState(NamedTuple):
 
 
 def input_second_moment(
-  layer_stats: stats_lib.LayerStats, params_like: family.RowParams, dtype: Any
+  layer_stats: stats_lib.LayerStats, params_like: RowParams, dtype: Any
 ) -> jax.Array:
   """`XᵀX/N` of every feature group, `(groups, D, D)`, from the patches."""
-  patches = fisher.input_patches(
-    layer_stats.geometry,
+  patches = layer_stats.geometry.patches(
     layer_stats.inputs.astype(dtype),
     params_like['kernel'].shape,
     'bias' in params_like,

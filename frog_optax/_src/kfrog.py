@@ -1,6 +1,6 @@
 """K-FROG, the reference's legacy Kronecker FROG, on FROG's capture.
 
-Per layer (ALGORITHM.md §9):
+Per layer:
 
   m̃_j = m_j / sqrt(ȳ_j + ε),          ȳ_j = Σ_{n,t} y²_{n,t,j} / N
   z   = CG_k(XᵀX/N + δI, m̃)           (all rows at once)

@@ -19,6 +19,7 @@ import numpy as np
 import opt_einsum
 from jax import lax
 
+from frog_optax._src import geometry as geometry_lib
 from frog_optax._src import stats as stats_lib
 from frog_optax._src.batch_rows import add_to_rows
 from frog_optax._src.batch_rows import take_rows
@@ -198,7 +199,7 @@ def conv_lax_inputs(module: Any, x: jax.Array, unsupported: Unsupported):
     pads = [(p, p) if isinstance(p, int) else tuple(p) for p in padding]
     if len(pads) == 1 and n > 1:
       pads = pads * n
-  geometry = stats_lib.ConvGeometry(
+  geometry = geometry_lib.ConvGeometry(
     strides=strides,
     padding=tuple((int(lo), int(hi)) for lo, hi in pads),
     input_dilation=input_dilation,
@@ -228,7 +229,7 @@ class Sampled:
   inputs: jax.Array
   perturbation_shape: tuple[int, ...]
   add_perturbation: Callable[[jax.Array], jax.Array]
-  geometry: stats_lib.LayerGeometry
+  geometry: geometry_lib.LayerGeometry
   layout: stats_lib.ParamLayout
 
 
@@ -254,7 +255,7 @@ def sample_dense(x: jax.Array, y: jax.Array, rows, dense: DenseMap) -> Sampled:
     inputs=lax.stop_gradient(x_rows),
     perturbation_shape=p_shape,
     add_perturbation=add_perturbation,
-    geometry=stats_lib.DenseGeometry(),
+    geometry=geometry_lib.DenseGeometry(),
     layout=dense.layout,
   )
 

@@ -18,8 +18,7 @@ import numpy as np
 
 from frog_optax._src import paths
 from frog_optax._src import stats as stats_lib
-
-RowParams = stats_lib.RowParams
+from frog_optax._src.geometry import RowParams
 
 
 def _permuted_kernel_shape(shape, layout: stats_lib.ParamLayout):

@@ -14,37 +14,7 @@ from typing import Any
 import jax
 
 from frog_optax._src import paths
-
-# A module's parameters in the row-stacked form: {'kernel': (..., rows),
-# 'bias'?: (rows,)}.
-RowParams = dict[str, jax.Array]
-
-
-@dataclasses.dataclass(frozen=True)
-class DenseGeometry:
-  """A Dense layer: `outputs = inputs @ kernel (+ bias)` on the last axis."""
-
-
-@dataclasses.dataclass(frozen=True)
-class ConvGeometry:
-  """A channels-last convolution, as `lax.conv_general_dilated` runs it.
-
-  Padding is always explicit `(low, high)` pairs: circular, reflect and causal
-  padding are applied to the captured inputs, which then need none.
-  """
-
-  strides: tuple[int, ...]
-  padding: tuple[tuple[int, int], ...]
-  input_dilation: tuple[int, ...]
-  kernel_dilation: tuple[int, ...]
-  feature_group_count: int
-
-  @property
-  def num_spatial_dims(self) -> int:
-    return len(self.strides)
-
-
-LayerGeometry = DenseGeometry | ConvGeometry
+from frog_optax._src.geometry import LayerGeometry
 
 
 @dataclasses.dataclass(frozen=True)
