@@ -35,8 +35,8 @@ import numpy as np
 import optax
 
 import frog_optax as fo
-from benchmarks import trainers
-from examples.compare import input_pipeline
+from harness import data as data_lib
+from harness import trainers
 
 RESULTS = os.path.join(os.path.dirname(__file__), 'results')
 LEARNING_RATES = (0.03, 0.1, 0.3)
@@ -226,7 +226,7 @@ def main(argv=None):
   if not os.path.exists(args.data):
     print(f'{args.data} not found: pass --data path/to/mnist10k.npz; skipped.')
     return None
-  ds = input_pipeline.load('mnist10k', args.data)
+  ds = data_lib.load('mnist10k', args.data)
   split = int(0.8 * len(ds.y_train))
   data = (
     ds.x_train[:split],

@@ -18,7 +18,7 @@ import sys
 from benchmarks import optimizers as optimizers_lib
 from benchmarks import protocol
 from benchmarks import tasks as tasks_lib
-from examples.compare import train as compare_train
+from harness import record
 
 WIDE_GRID = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0)
 
@@ -43,7 +43,7 @@ def main(argv=None):
     print(f'skipping {args.task}: {e}')
     return None
   result = dict(
-    compare_train.environment(), task=args.task, epochs=args.epochs, trials={}
+    record.environment(), task=args.task, epochs=args.epochs, trials={}
   )
   result['command'] = ' '.join(['python -m benchmarks.family_pilot', *argv])
   for name in args.optimizers.split(','):

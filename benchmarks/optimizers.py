@@ -22,7 +22,7 @@ import optax
 
 import frog_optax as fo
 from benchmarks import tasks as tasks_lib
-from benchmarks import trainers
+from harness import trainers
 
 WEIGHT_DECAY = 1e-4
 FROG_SAMPLE_SIZE = 32

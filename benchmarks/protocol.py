@@ -20,14 +20,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from tqdm.auto import tqdm
 
 from benchmarks import tasks as tasks_lib
-from examples.compare import train as compare_train
+from harness import loop
+from harness import timing
 
 # Steps run before timing: kfac-jax compiles a second step variant (the
 # one that refreshes its inverses) on its first step.
-WARMUP_STEPS = 2
+WARMUP_STEPS = timing.WARMUP_CALLS
 
 
 def _batch(data, idx):
@@ -56,11 +56,7 @@ def train_run(task, spec, data, learning_rate, seed, desc=''):
   model, trainer, init, (x, y) = build(
     task, spec, data, learning_rate, seed, total_steps
   )
-  accuracy = compare_train.make_eval(model)
-
-  def evaluate(state):
-    v = trainer.variables(state)
-    return accuracy(v['params'], v['batch_stats'], data.x_test, data.y_test)
+  accuracy = loop.make_accuracy(model)
 
   warm = init()
   t = time.perf_counter()
@@ -70,52 +66,29 @@ def train_run(task, spec, data, learning_rate, seed, desc=''):
   warmup_seconds = time.perf_counter() - t
   del warm
 
-  state = init()
-  history = [
-    dict(
-      step=0, train_seconds=0.0, train_loss=None, test_accuracy=evaluate(state)
-    )
-  ]
-  rng = np.random.default_rng(seed)
-  train_seconds, count, diverged = 0.0, 0, False
-  with tqdm(total=total_steps, desc=desc, leave=False) as bar:
-    for _ in range(task.num_epochs):
-      for idx in compare_train.epoch_batches(
-        rng, len(data.y_train), task.batch_size
-      ):
-        t = time.perf_counter()
-        state, loss = trainer.step(state, *_batch(data, idx))
-        loss = float(loss)  # waits for the step
-        train_seconds += time.perf_counter() - t
-        count += 1
-        bar.update(1)
-        diverged = not np.isfinite(loss)
-        if diverged or count % task.eval_every == 0 or count == total_steps:
-          acc = evaluate(state)
-          history.append(
-            dict(
-              step=count,
-              train_seconds=train_seconds,
-              train_loss=loss,
-              test_accuracy=acc,
-            )
-          )
-          bar.set_postfix(loss=f'{loss:.3f}', acc=f'{acc:.4f}')
-        if diverged:
-          break
-      if diverged:
-        break
+  run = loop.train(
+    trainer.step,
+    init(),
+    data,
+    batch_size=task.batch_size,
+    num_epochs=task.num_epochs,
+    seed=seed,
+    eval_every=task.eval_every,
+    evaluate=lambda state: accuracy(
+      trainer.variables(state), data.x_test, data.y_test
+    ),
+    targets=task.targets,
+    desc=desc,
+  )
   return dict(
     learning_rate=learning_rate,
     seed=seed,
-    history=history,
-    diverged=diverged,
-    final_accuracy=history[-1]['test_accuracy'],
-    train_seconds=train_seconds,
+    history=run['history'],
+    diverged=run['diverged'],
+    final_accuracy=run['final_accuracy'],
+    train_seconds=run['train_seconds'],
     warmup_seconds=warmup_seconds,
-    to_target={
-      str(a): compare_train.first_reach(history, a) for a in task.targets
-    },
+    to_target=run['to_target'],
   )
 
 
@@ -162,7 +135,7 @@ def step_costs(task, specs, data, learning_rates, rounds):
       state=state,
       state_bytes=_tree_bytes(state) - variables_bytes,
     )
-  medians, spreads, first_calls = interleaved_steps(runs, x, y, rounds)
+  medians, spreads, first_calls = timing.interleaved_steps(runs, x, y, rounds)
   out = {}
   for name, run in runs.items():
     out[name] = dict(
@@ -177,45 +150,6 @@ def step_costs(task, specs, data, learning_rates, rounds):
   for r in out.values():
     r['ratio_to_sgd'] = r['step_seconds'] / base if base else None
   return out
-
-
-def interleaved_steps(runs, x, y, rounds):
-  """Times each run's step on `(x, y)`, the runs taking turns every round.
-
-  `runs[name]` holds a `trainer` and its `state`, which is replaced by the
-  state each step returns (steps donate their input). Returns the median
-  of each, its mean and interquartile range (kfac-jax's mean includes its
-  periodic inverse refreshes; its median does not), and the seconds of the
-  `WARMUP_STEPS` untimed first calls (compilation included).
-  """
-  first_calls = {}
-  for name, run in runs.items():
-    t = time.perf_counter()
-    for _ in range(WARMUP_STEPS):
-      run['state'], loss = run['trainer'].step(run['state'], x, y)
-    jax.block_until_ready(loss)
-    first_calls[name] = time.perf_counter() - t
-  times = {name: [] for name in runs}
-  # A new order every round: a step runs slower right after a heavy one
-  # (kfac-jax's, say), so no optimizer may always follow the same one.
-  order, rng = list(runs), np.random.default_rng(0)
-  for _ in tqdm(range(rounds), desc='interleaved step timing', leave=False):
-    rng.shuffle(order)
-    for name in order:
-      run = runs[name]
-      t = time.perf_counter()
-      run['state'], loss = run['trainer'].step(run['state'], x, y)
-      jax.block_until_ready(loss)
-      times[name].append(time.perf_counter() - t)
-  medians = {k: float(np.median(v)) for k, v in times.items()}
-  spreads = {
-    k: dict(
-      mean=float(np.mean(v)),
-      iqr=[float(q) for q in np.percentile(v, [25, 75])],
-    )
-    for k, v in times.items()
-  }
-  return medians, spreads, first_calls
 
 
 def xla_bytes(trainer, state, x, y) -> dict[str, int] | None:

@@ -19,7 +19,7 @@ from benchmarks import optimizers as optimizers_lib
 from benchmarks import protocol
 from benchmarks import report
 from benchmarks import tasks as tasks_lib
-from examples.compare import train as compare_train
+from harness import record
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,7 +91,7 @@ def main(argv=None) -> list[str]:
     if suite.max_examples:
       data = tasks_lib.subsample(data, *suite.max_examples)
     result = dict(
-      compare_train.environment(),
+      record.environment(),
       suite=args.suite,
       seeds=list(suite.seeds),
       batch_size=task.batch_size,

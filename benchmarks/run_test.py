@@ -10,12 +10,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from benchmarks import kfac_compat
 from benchmarks import optimizers
 from benchmarks import protocol
 from benchmarks import report
 from benchmarks import run
 from benchmarks import tasks
+from harness import kfac_compat
 
 
 @pytest.fixture(scope='module')

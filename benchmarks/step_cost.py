@@ -32,20 +32,17 @@ import jax.numpy as jnp
 import optax
 
 import frog_optax as fo
-from benchmarks import protocol
 from benchmarks import report
-from benchmarks import trainers
-from examples.cifar10 import models as cifar_models
-from examples.compare import models as compare_models
-from examples.compare import train as compare_train
-from frog_optax._src import fisher
-from frog_optax._src import routing
-from frog_optax._src import stats as stats_lib
+from harness import models as compare_models
+from harness import record
+from harness import resnet
+from harness import timing
+from harness import trainers
 
 NETS = {
-  'resnet18': ('CIFAR ResNet-18', cifar_models.ResNet18, (32, 32, 3)),
+  'resnet18': ('CIFAR ResNet-18', resnet.ResNet18, (32, 32, 3)),
   'convnet': (
-    'examples.compare ConvNet (32, 64, 64)',
+    'harness ConvNet (32, 64, 64)',
     compare_models.ConvNet,
     (28, 28, 1),
   ),
@@ -130,24 +127,25 @@ def breakdown(model, variables, x, y, batch, sample_size, cg_iters, rounds):
     cg_iters,
     fallback=optax.sgd(0.01, 0.9),
     # Every layer on the fallback: the capture runs, nothing is solved.
-    exclude=tuple(routing.preconditioned_modules(variables['params'])),
+    exclude=tuple(fo.preconditioned_modules(variables['params'])),
   )
   runs = {
     'sgd': _run(model, variables, optax.sgd(0.01, 0.9), None, x, y),
     'capture_only': _run(model, variables, capture_only, sample_size, x, y),
   }
-  medians, _, _ = protocol.interleaved_steps(runs, x, y, rounds)
+  medians, _, _ = timing.interleaved_steps(runs, x, y, rounds)
   loss_fn = trainers.classification_loss(fo.linen.capture(model.apply))
   (_, _), grads, stats = jax.jit(
     fo.linen.value_and_grad(loss_fn, sample_size=sample_size, has_aux=True)
   )(variables['params'], variables['batch_stats'], x, y)
-  by_path = stats_lib.stats_by_path(stats)
   totals = {}
   # The layers FROG preconditions (the head is excluded, as in frog_tx).
-  for name in routing.preconditioned_modules(variables['params'], ('head',)):
-    layer_grads = functools.reduce(operator.getitem, name.split('/'), grads)
-    times = compare_train.interleaved(
-      layer_pieces(by_path[name], layer_grads, cg_iters), rounds
+  for name in fo.preconditioned_modules(variables['params'], ('head',)):
+    keys = name.split('/')
+    layer_grads = functools.reduce(operator.getitem, keys, grads)
+    layer_stats = functools.reduce(operator.getitem, keys, stats)
+    times = timing.median_seconds(
+      layer_pieces(layer_stats, layer_grads, cg_iters), rounds
     )
     for k, v in times.items():
       totals[k] = totals.get(k, 0.0) + v
@@ -210,9 +208,7 @@ def main(argv=None):
         runs[f'frog_s{s}_k{k}'] = _run(model, variables, frog_tx(k), s, x, y)
     if args.kfac:
       runs['kfac'] = _kfac_run(model, variables, x, y)
-    medians, spreads, first = protocol.interleaved_steps(
-      runs, x, y, args.rounds
-    )
+    medians, spreads, first = timing.interleaved_steps(runs, x, y, args.rounds)
     sgd = medians['sgd']
     baselines[str(batch)] = {
       name: dict(
@@ -237,7 +233,7 @@ def main(argv=None):
             sgd_seconds=sgd,
             ratio=medians[name] / sgd,
             model_ratio=cost_model(batch, s, k),
-            compile_seconds=first[name] - protocol.WARMUP_STEPS * medians[name],
+            compile_seconds=first[name] - timing.WARMUP_CALLS * medians[name],
           )
         )
         p = points[-1]
@@ -259,7 +255,7 @@ def main(argv=None):
   for name, v in parts['seconds'].items():
     print(f'  {name:>20}: {v * 1e3:8.1f}')
   result = dict(
-    compare_train.environment(),
+    record.environment(),
     kind='step_cost',
     setup=dict(
       net=title,

@@ -12,8 +12,8 @@ from collections.abc import Callable
 
 import flax.linen as nn
 
-from examples.compare import input_pipeline
-from examples.compare import models
+from harness import data as data_lib
+from harness import models
 
 
 class ConvBase1D(nn.Module):
@@ -51,7 +51,7 @@ class Task:
   Attributes:
     name: registry key.
     description: one line for the report.
-    dataset: `examples.compare.input_pipeline` dataset name.
+    dataset: `harness.data` dataset name.
     make_model: `num_classes -> nn.Module`; the module's `__call__` takes
       `(x, train)` and may keep `batch_stats`.
     batch_size: training batch.
@@ -72,13 +72,13 @@ class Task:
   targets: tuple[float, ...]
   frog_exclude: tuple[str, ...] = ('head',)
 
-  def load(self, data_path: str | None) -> input_pipeline.Dataset:
-    return input_pipeline.load(self.dataset, data_path)
+  def load(self, data_path: str | None) -> data_lib.Dataset:
+    return data_lib.load(self.dataset, data_path)
 
 
 def validation_split(
-  data: input_pipeline.Dataset, fraction: float = 0.2
-) -> input_pipeline.Dataset:
+  data: data_lib.Dataset, fraction: float = 0.2
+) -> data_lib.Dataset:
   """The training split's last `fraction` held out as the evaluation split.
 
   The sweep chooses hyper-parameters on this; the test split stays unseen.
@@ -86,7 +86,7 @@ def validation_split(
   if not 0.0 < fraction < 1.0:
     raise ValueError(f'fraction must be in (0, 1); got {fraction}.')
   cut = int(round(len(data.y_train) * (1.0 - fraction)))
-  return input_pipeline.Dataset(
+  return data_lib.Dataset(
     f'{data.name}-validation',
     data.x_train[:cut],
     data.y_train[:cut],
@@ -96,8 +96,8 @@ def validation_split(
 
 
 def subsample(
-  data: input_pipeline.Dataset, num_train: int, num_test: int
-) -> input_pipeline.Dataset:
+  data: data_lib.Dataset, num_train: int, num_test: int
+) -> data_lib.Dataset:
   """The first examples of each split (the smoke suite's tiny data)."""
   return dataclasses.replace(
     data,

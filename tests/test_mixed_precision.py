@@ -11,10 +11,10 @@ import numpy as np
 import optax
 
 import frog_optax as fo
-from benchmarks import trainers
-from examples.compare import input_pipeline
-from examples.compare import models
 from examples.data_parallel import train
+from harness import data as data_lib
+from harness import models
+from harness import trainers
 
 STEPS = 40
 BATCH = 64
@@ -33,7 +33,7 @@ def _train(dtype):
   losses, _, (params, batch_stats, opt_state) = train.train(
     config, devices=jax.devices()[:1]
   )
-  data = input_pipeline.load('digits')
+  data = data_lib.load('digits')
   logits = train.make_model(train.Config()).apply(
     {'params': params, 'batch_stats': batch_stats},
     jnp.asarray(data.x_test, jnp.float32),

@@ -26,16 +26,16 @@ import orbax.checkpoint as ocp
 from tqdm.auto import tqdm
 
 import frog_optax as fo
-from benchmarks import trainers
 from examples.cifar10 import input_pipeline
-from examples.cifar10 import models
-from examples.compare import train as compare_train
+from harness import record
+from harness import resnet
+from harness import trainers
 
 OPTIMIZERS = ('frog', 'sgd', 'adamw')
 
 
-def make_model(config: ml_collections.ConfigDict) -> models.ResNet18:
-  return models.ResNet18(
+def make_model(config: ml_collections.ConfigDict) -> resnet.ResNet18:
+  return resnet.ResNet18(
     num_classes=input_pipeline.NUM_CLASSES,
     stage_features=tuple(config.stage_features),
     blocks_per_stage=config.blocks_per_stage,
@@ -230,7 +230,7 @@ def train_and_evaluate(
   compile_seconds = time.perf_counter() - compile_start
 
   metrics = dict(
-    compare_train.environment(),
+    record.environment(),
     config=config.to_dict(),
     compile_seconds=compile_seconds,
     history=history,

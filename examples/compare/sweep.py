@@ -19,9 +19,9 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-from examples.compare import input_pipeline
-from examples.compare import models
 from examples.compare import train
+from harness import data as data_lib
+from harness import models
 
 _OUT = flags.DEFINE_string('out', None, 'Where to write the sweep JSON.')
 config_flags.DEFINE_config_file(
@@ -54,7 +54,7 @@ def main(argv):
   del argv
   config = flags.FLAGS.config
   data = validation_split(
-    input_pipeline.load(config.dataset, config.data_path or None)
+    data_lib.load(config.dataset, config.data_path or None)
   )
   model = models.ConvNet(
     features=tuple(config.features), num_classes=data.num_classes

@@ -10,23 +10,21 @@ in one process, prints a table and writes `results.json` and
 
 import json
 import os
-import platform
-import sys
 import time
 from typing import Any
 
-import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
-from tqdm.auto import tqdm
 
 import frog_optax as fo
-from benchmarks import trainers
-from examples.compare import input_pipeline
-from examples.compare import models
+from harness import data as data_lib
+from harness import loop
+from harness import models
+from harness import record
+from harness import timing
+from harness import trainers
 
 
 def make_optimizer(
@@ -67,39 +65,6 @@ def make_train_step(model, tx, name: str, sample_size: int | None):
   )
 
 
-def make_eval(model):
-
-  @jax.jit
-  def predict(params, batch_stats, x):
-    logits = model.apply(
-      {'params': params, 'batch_stats': batch_stats}, x, train=False
-    )
-    return jnp.argmax(logits, -1)
-
-  def accuracy(params, batch_stats, x, y, batch=1000):
-    hits = 0
-    for i in range(0, len(y), batch):
-      pred = predict(params, batch_stats, x[i : i + batch])
-      hits += int((np.asarray(pred) == y[i : i + batch]).sum())
-    return hits / len(y)
-
-  return accuracy
-
-
-def epoch_batches(rng, num_examples, batch_size):
-  order = rng.permutation(num_examples)
-  for i in range(num_examples // batch_size):
-    yield order[i * batch_size : (i + 1) * batch_size]
-
-
-def first_reach(history, target):
-  """(step, seconds) of the first evaluation at or above `target`."""
-  for h in history:
-    if h['test_accuracy'] >= target:
-      return h['step'], h['train_seconds']
-  return None
-
-
 def train_one(name, config, data, model, variables):
   """Trains one optimizer; returns its history and summary numbers."""
   steps_per_epoch = len(data.y_train) // config.batch_size
@@ -107,83 +72,48 @@ def train_one(name, config, data, model, variables):
   tx = make_optimizer(name, config, total_steps)
   sample_size = config.frog.sample_size if name == 'frog' else None
   step = make_train_step(model, tx, name, sample_size)
-  accuracy = make_eval(model)
+  accuracy = loop.make_accuracy(model)
   params, batch_stats = variables['params'], variables['batch_stats']
   state = (params, batch_stats, tx.init(params))
 
-  rng = np.random.default_rng(config.seed)
   x0 = jnp.asarray(data.x_train[: config.batch_size])
   y0 = jnp.asarray(data.y_train[: config.batch_size])
   t = time.perf_counter()
   compiled = step.lower(state, x0, y0).compile()
   compile_seconds = time.perf_counter() - t
 
-  history = [
-    dict(
-      step=0,
-      train_seconds=0.0,
-      train_loss=None,
-      test_accuracy=accuracy(params, batch_stats, data.x_test, data.y_test),
-    )
-  ]
-  train_seconds, count = 0.0, 0
-  with tqdm(total=total_steps, desc=f'{name:>6}', leave=True) as bar:
-    for _ in range(config.num_epochs):
-      for idx in epoch_batches(rng, len(data.y_train), config.batch_size):
-        t = time.perf_counter()
-        state, loss = compiled(
-          state, jnp.asarray(data.x_train[idx]), jnp.asarray(data.y_train[idx])
-        )
-        loss = float(loss)  # waits for the step
-        train_seconds += time.perf_counter() - t
-        count += 1
-        bar.update(1)
-        if count % config.eval_every == 0 or count == total_steps:
-          acc = accuracy(state[0], state[1], data.x_test, data.y_test)
-          history.append(
-            dict(
-              step=count,
-              train_seconds=train_seconds,
-              train_loss=loss,
-              test_accuracy=acc,
-            )
-          )
-          bar.set_postfix(loss=f'{loss:.3f}', test_acc=f'{acc:.4f}')
-  if not np.isfinite(history[-1]['train_loss']):
-    print(f'warning: {name} diverged (loss {history[-1]["train_loss"]})')
+  run = loop.train(
+    compiled,
+    state,
+    data,
+    batch_size=config.batch_size,
+    num_epochs=config.num_epochs,
+    seed=config.seed,
+    eval_every=config.eval_every,
+    evaluate=lambda s: accuracy(
+      {'params': s[0], 'batch_stats': s[1]}, data.x_test, data.y_test
+    ),
+    targets=config.target_accuracies,
+    desc=f'{name:>6}',
+  )
+  if run['diverged']:
+    print(f'warning: {name} diverged (loss {run["history"][-1]["train_loss"]})')
   return dict(
-    history=history,
+    history=run['history'],
     compile_seconds=compile_seconds,
-    final_test_accuracy=history[-1]['test_accuracy'],
-    train_seconds=train_seconds,
+    final_test_accuracy=run['final_accuracy'],
+    train_seconds=run['train_seconds'],
     steps=total_steps,
-    to_target={
-      str(a): first_reach(history, a) for a in config.target_accuracies
-    },
+    diverged=run['diverged'],
+    to_target=run['to_target'],
     step_fn=compiled,
     state=state,
   )
 
 
-def interleaved(fns, rounds):
-  """Median seconds of each zero-argument function, taking turns per round.
-
-  Each function runs once untimed first (compilation, first-call costs).
-  """
-  for f in fns.values():
-    jax.block_until_ready(f())
-  times = {k: [] for k in fns}
-  for _ in range(rounds):
-    for k, f in fns.items():
-      t = time.perf_counter()
-      jax.block_until_ready(f())
-      times[k].append(time.perf_counter() - t)
-  return {k: float(np.median(v)) for k, v in times.items()}
-
-
 def interleaved_step_times(runs, x, y, rounds):
   """Median jitted step seconds, the optimizers taking turns every round."""
-  return interleaved(
+  return timing.median_seconds(
     {
       name: lambda run=run: run['step_fn'](run['state'], x, y)
       for name, run in runs.items()
@@ -250,25 +180,6 @@ def plot(results, path):
   plt.close(fig)
 
 
-def environment() -> dict[str, Any]:
-  return dict(
-    # Relative to the working directory: no machine-specific paths.
-    command=' '.join([os.path.relpath(sys.argv[0])] + sys.argv[1:]),
-    machine=dict(
-      platform=platform.platform(),
-      processor=f'{jax.devices()[0].device_kind} ({os.cpu_count()} cores)',
-      backend=jax.default_backend(),
-    ),
-    versions=dict(
-      python=platform.python_version(),
-      jax=jax.__version__,
-      optax=optax.__version__,
-      flax=flax.__version__,
-      frog_optax=fo.__version__,
-    ),
-  )
-
-
 def print_frog_routing(model, variables, data, config):
   """Shows which parameters FROG preconditions (fo.describe)."""
   _, _, stats = fo.linen.value_and_grad(
@@ -286,7 +197,7 @@ def train_and_evaluate(
   config: ml_collections.ConfigDict, workdir: str
 ) -> dict[str, Any]:
   """Trains all optimizers, prints the table, writes JSON and a plot."""
-  data = input_pipeline.load(config.dataset, config.data_path or None)
+  data = data_lib.load(config.dataset, config.data_path or None)
   model = models.ConvNet(
     features=tuple(config.features), num_classes=data.num_classes
   )
@@ -304,7 +215,7 @@ def train_and_evaluate(
   x = jnp.asarray(data.x_train[: config.batch_size])
   y = jnp.asarray(data.y_train[: config.batch_size])
   results = dict(
-    environment(),
+    record.environment(),
     config=config.to_dict(),
     step_seconds=interleaved_step_times(runs, x, y, config.timing_rounds),
   )

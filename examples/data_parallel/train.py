@@ -25,9 +25,9 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec
 
 import frog_optax as fo
-from benchmarks import trainers
-from examples.compare import input_pipeline
-from examples.compare import models
+from harness import data as data_lib
+from harness import models
+from harness import trainers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,7 +67,7 @@ def train(config: Config, devices=None):
   replicated = NamedSharding(mesh, PartitionSpec())
   by_batch = NamedSharding(mesh, PartitionSpec('batch'))
 
-  data = input_pipeline.load('digits')
+  data = data_lib.load('digits')
   model = make_model(config)
   x_all = np.asarray(data.x_train, np.float32)
   y_all = np.asarray(data.y_train)

@@ -33,7 +33,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.synthetic_train_examples = 50_000
   config.synthetic_test_examples = 10_000
 
-  # Model: the CIFAR ResNet-18 of examples/cifar10/models.py.
+  # Model: the CIFAR ResNet-18 of harness/resnet.py.
   config.stage_features = (64, 128, 256, 512)
   config.blocks_per_stage = 2
   config.half_precision = False  # bfloat16 activations (parameters float32)

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from examples.compare import input_pipeline
+from harness import data as data_lib
 
 
 def test_mnist10k_split_and_standardisation(tmp_path):
@@ -13,7 +13,7 @@ def test_mnist10k_split_and_standardisation(tmp_path):
   np.savez(
     path, images=rng.integers(0, 256, (10_000, 28, 28), np.uint8), labels=labels
   )
-  data = input_pipeline.load('mnist10k', str(path))
+  data = data_lib.load('mnist10k', str(path))
   assert data.x_train.shape == (8000, 28, 28, 1)
   assert data.x_test.shape == (2000, 28, 28, 1)
   np.testing.assert_array_equal(data.y_test, labels[8000:])
@@ -23,7 +23,7 @@ def test_mnist10k_split_and_standardisation(tmp_path):
 
 
 def test_digits_is_split_80_20():
-  data = input_pipeline.load('digits')
+  data = data_lib.load('digits')
   assert len(data.y_train) == 1437 and len(data.y_test) == 360
   assert data.x_train.shape[1:] == (8, 8, 1)
 
@@ -38,4 +38,4 @@ def test_digits_is_split_80_20():
 )
 def test_bad_dataset_arguments(name, path, match):
   with pytest.raises((ValueError, FileNotFoundError), match=match):
-    input_pipeline.load(name, path)
+    data_lib.load(name, path)

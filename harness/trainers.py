@@ -118,7 +118,7 @@ def kfac_trainer(
   """
   import kfac_jax  # noqa: PLC0415
 
-  from benchmarks import kfac_compat  # noqa: PLC0415
+  from harness import kfac_compat  # noqa: PLC0415
 
   kfac_compat.patch()
   loss_fn = classification_loss(model.apply, register_loss=True)

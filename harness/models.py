@@ -1,4 +1,4 @@
-"""The example's small conv net: conv-BN-relu blocks and a linear head."""
+"""A small conv net: conv-BN-relu blocks and a linear head."""
 
 from collections.abc import Sequence
 

@@ -1,4 +1,4 @@
-"""ResNet-18, CIFAR variant (He et al. 2016, as in the FROG seed's notebook).
+"""ResNet-18, CIFAR variant (He et al. 2016, as in the original FROG notebook).
 
 A 3x3 stride-1 stem and no max-pool (32x32 inputs keep their resolution into
 the first stage), four stages of two basic blocks (64, 128, 256, 512

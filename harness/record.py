@@ -1,0 +1,32 @@
+"""What every result file records beside its numbers."""
+
+import os
+import platform
+import sys
+from typing import Any
+
+import flax
+import jax
+import optax
+
+import frog_optax as fo
+
+
+def environment() -> dict[str, Any]:
+  """The command (relative to the working directory), machine and versions."""
+  return dict(
+    # Relative to the working directory: no machine-specific paths.
+    command=' '.join([os.path.relpath(sys.argv[0])] + sys.argv[1:]),
+    machine=dict(
+      platform=platform.platform(),
+      processor=f'{jax.devices()[0].device_kind} ({os.cpu_count()} cores)',
+      backend=jax.default_backend(),
+    ),
+    versions=dict(
+      python=platform.python_version(),
+      jax=jax.__version__,
+      optax=optax.__version__,
+      flax=flax.__version__,
+      frog_optax=fo.__version__,
+    ),
+  )
