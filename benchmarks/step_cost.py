@@ -86,7 +86,7 @@ def parse_args(argv=None):
 
 
 def cost_model(batch, sample_size, cg_iters):
-  """FROG/SGD step ratio predicted by ALGORITHM.md's cost model."""
+  """FROG/SGD step ratio predicted by the cost model 1 + 2ks/(3B)."""
   return 1 + 2 * cg_iters * sample_size / (3 * batch)
 
 
@@ -97,11 +97,15 @@ def frog_tx(cg_iters, exclude=('head',), **kw):
 
 
 def layer_pieces(layer_stats, grads, cg_iters):
-  """Zero-argument timers for FROG's pieces on one layer."""
+  """Zero-argument timers for FROG's pieces on one layer.
+
+  The stats are cast to the parameters' dtype first, as the solve does.
+  """
+  dtype = grads['kernel'].dtype
   geom, x, dy = (
     layer_stats.geometry,
-    layer_stats.inputs,
-    layer_stats.output_grads,
+    layer_stats.inputs.astype(dtype),
+    layer_stats.output_grads.astype(dtype),
   )
   trace = jax.jit(
     lambda x: geom.patch_sq_norms(x, grads['kernel'].shape, 'bias' in grads)

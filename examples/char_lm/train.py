@@ -88,7 +88,9 @@ def make_model(config: Config) -> model_lib.CharTransformer:
   )
 
 
-def _loss(apply_fn):
+def make_loss(apply_fn):
+  """`(params, inputs, targets) -> mean next-character cross-entropy`."""
+
   def loss_fn(params, inputs, targets):
     logits = apply_fn({'params': params}, inputs)
     return optax.softmax_cross_entropy_with_integer_labels(
@@ -101,10 +103,10 @@ def _loss(apply_fn):
 def make_step(model, tx, config: Config):
   """`(params, opt_state), inputs, targets -> (params, opt_state), loss`."""
   if config.optimizer == 'frog':
-    loss_fn = _loss(fo.linen.capture(model.apply))
+    loss_fn = make_loss(fo.linen.capture(model.apply))
     grad_fn = fo.linen.value_and_grad(loss_fn, sample_size=config.sample_size)
   else:
-    plain = jax.value_and_grad(_loss(model.apply))
+    plain = jax.value_and_grad(make_loss(model.apply))
     grad_fn = lambda *args: plain(*args) + (None,)
 
   def step(state, inputs, targets):
@@ -139,7 +141,7 @@ def train(config: Config, corpus: corpus_lib.Corpus) -> dict:
     .compile()
   )
   compile_seconds = time.perf_counter() - start
-  eval_loss = jax.jit(_loss(model.apply))
+  eval_loss = jax.jit(make_loss(model.apply))
 
   def validation_loss(params):
     return float(np.mean([eval_loss(params, x, y) for x, y in valid]))
