@@ -188,14 +188,16 @@ def test_kfac_compat_evaluates_equations_like_jax():
   np.testing.assert_allclose(env[closed.jaxpr.outvars[0]], f(a, b), rtol=1e-6)
 
 
-def test_readme_block_is_generated_from_the_committed_results(monkeypatch):
+def test_docs_block_is_generated_from_the_committed_results(monkeypatch):
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   monkeypatch.chdir(root)
   folder = os.path.join('benchmarks', 'results', 'cpu')
-  with open('README.md') as f:
-    readme = f.read()
-  block = readme.split(report.BEGIN)[1].split(report.END)[0]
-  assert block.strip() == report.readme_block(folder).strip()
+  page = os.path.join('docs', 'benchmarks.md')
+  with open(page) as f:
+    text = f.read()
+  block = text.split(report.BEGIN)[1].split(report.END)[0]
+  assert block.strip() == report.page_block(folder, page).strip()
+  assert '../shared' not in block and 'path/to/mnist10k.npz' in block
   assert 'mnist10k' in block and 'mnist1d' in block and 'Step cost' in block
 
 

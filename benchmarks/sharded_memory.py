@@ -1,7 +1,7 @@
 """Per-device FROG optimizer memory against the number of devices.
 
   python -m benchmarks.sharded_memory \
-    --out benchmarks/results/cpu/sharded_memory.json
+    --out benchmarks/results/sharded_memory.json
 
 The character-level transformer (width 256, 4 blocks) on meshes of 1, 2, 4
 and 8 devices (simulated on a CPU unless XLA_FLAGS or accelerators give
@@ -112,7 +112,7 @@ def main(argv=None):
   p.add_argument('--width', type=int, default=256)
   p.add_argument('--depth', type=int, default=4)
   p.add_argument('--devices', default='1,2,4,8')
-  p.add_argument('--out', default='benchmarks/results/cpu/sharded_memory.json')
+  p.add_argument('--out', default='benchmarks/results/sharded_memory.json')
   args = p.parse_args(argv)
   counts = [int(c) for c in args.devices.split(',')]
   result = dict(record.environment(), **measure(args.width, args.depth, counts))
