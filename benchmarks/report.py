@@ -218,7 +218,8 @@ def render(folder: str, image_prefix: str = '', draw: bool = False) -> str:
       f' learning rate, seeds {result["seeds"]}; machine:'
       f' {result["machine"]["processor"]}, jax {env["jax"]}, optax'
       f' {env["optax"]}, kfac-jax {env.get("kfac_jax")}. Command:'
-      f' `{_shown_command(result["command"])}`. Steps / seconds are medians over the seeds'
+      f' `{_shown_command(result["command"])}`. Steps / seconds are'
+      ' medians over the seeds'
       ' that reached the target (count shown when not all did); "(edge)":'
       ' the chosen learning rate is at the end of its grid. Memory: the'
       " optimizer state, and XLA's memory plan of the jitted step"
