@@ -52,7 +52,12 @@ def value_and_grad(
   `fun` must call a function wrapped by :func:`capture`. One forward and one
   backward pass compute the value, the gradients (identical to
   `jax.value_and_grad`) and, for the sampled examples of each captured
-  `nn.Dense`/`nn.Conv`, its inputs and output gradients.
+  layer, its inputs and output gradients. Captured layers: `nn.Dense`,
+  `nn.DenseGeneral`, `nn.Einsum` and `nn.Conv` (1-D/2-D/3-D, any padding,
+  dilation and feature groups), so also the projections of
+  `nn.MultiHeadDotProductAttention`, and any of them stacked by `nn.scan`
+  (give `INPUTS` and `PERTURBATIONS` the parameters' layer axis). Other
+  layers with a kernel get a `frog_optax.UncapturedLayer` entry.
 
   Args:
     fun: the loss function.
