@@ -6,5 +6,6 @@ collect_ignore_glob = [
   'benchmarks/run.py',
   'benchmarks/step_cost.py',
   'benchmarks/report.py',
+  'examples/sharded_transformer/memory.py',
   '.venv/*',
 ]

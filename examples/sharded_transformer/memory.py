@@ -1,6 +1,6 @@
 """Per-device FROG optimizer memory against the number of devices.
 
-  python -m benchmarks.sharded_memory \
+  python -m examples.sharded_transformer.memory \
     --out benchmarks/results/sharded_memory.json
 
 The character-level transformer (width 256, 4 blocks) on meshes of 1, 2, 4
