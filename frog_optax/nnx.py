@@ -29,203 +29,21 @@ Example:
   >>> _ = optimizer.update(model, grads, frog_stats=stats)
 """
 
-import contextlib
-import functools
-import threading
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax import lax
 
 from frog_optax._src import capture as capture_lib
 from frog_optax._src import describe as describe_lib
-from frog_optax._src import layer_maps
 from frog_optax._src import layouts as layouts_lib
-from frog_optax._src import paths
+from frog_optax._src import nnx_capture
 from frog_optax._src import stats as stats_lib
 from frog_optax._src import validation
-
-_CAPTURED_TYPES = (nnx.Linear, nnx.Conv, nnx.LinearGeneral, nnx.Einsum)
-
-
-class FrogInputs(nnx.Variable):
-  """Capture-internal: the sampled inputs of one call of a layer."""
-
-
-class FrogPerturbation(nnx.Variable):
-  """Capture-internal: the zero perturbation of one call's sampled outputs.
-
-  Its gradient is dLoss/d(outputs) for the sampled rows.
-  """
-
-
-# Both travel as NNX Variables on the layer, so that lifted transforms in the
-# model (nnx.scan, nnx.vmap, nnx.remat) carry them in and out like any other
-# state (stacked along a scanned or vmapped axis); only static facts go
-# through the Python-side session. The layer's path is a static attribute,
-# because lifted transforms call copies of the layer.
-_PATH = '_frog_capture_path'
-_INPUTS = 'frog_inputs_'
-_PERTURBATION = 'frog_perturbation_'
-
-
-_sessions = capture_lib.SessionSlot()
-_patch_lock = threading.Lock()
-_patch_depth = 0
-
-
-def _unsupported(path: str, module: Any, why: str) -> Exception:
-  return capture_lib.unsupported_error(type(module).__name__, path, why)
-
-
-def _check_supported(path: str, module: Any) -> None:
-  why = None
-  if isinstance(module, (nnx.Linear, nnx.LinearGeneral)):
-    custom = getattr(module, 'dot_general_cls', None) is not None
-    if custom or module.dot_general not in (None, lax.dot_general):
-      why = capture_lib.CUSTOM_DOT_GENERAL
-    elif getattr(module, 'batch_axis', None):
-      why = capture_lib.BATCHED_KERNEL
-  elif isinstance(module, nnx.Einsum):
-    if module.einsum_op is not jnp.einsum:
-      why = capture_lib.CUSTOM_EINSUM
-  elif module.conv_general_dilated is not lax.conv_general_dilated:
-    why = capture_lib.CUSTOM_CONV
-  elif module.mask is not None:
-    why = capture_lib.MASKED
-  if why:
-    raise _unsupported(path, module, why)
-
-
-def _sample(module, inputs, y, rows, args, kwargs, unsupported):
-  """What one call of a captured layer contributes."""
-  if isinstance(module, nnx.Conv):
-    return layer_maps.sample_conv(module, inputs, y, rows, unsupported)
-  if isinstance(module, nnx.LinearGeneral):
-    dense = layer_maps.dense_general_map(
-      inputs.ndim,
-      layer_maps.as_tuple(module.axis, 1),
-      len(module.out_features),
-      unsupported,
-    )
-  elif isinstance(module, nnx.Einsum):  # the equation may come at call time
-    einsum_str = args[0] if args else kwargs.get('einsum_str')
-    dense = layer_maps.einsum_map(
-      (einsum_str or module.einsum_str).replace(' ', ''),
-      inputs.shape,
-      tuple(module.kernel.shape),
-      unsupported,
-    )
-  else:
-    dense = layer_maps.dense_map(inputs.ndim, unsupported)
-  return layer_maps.sample_dense(inputs, y, rows, dense)
-
-
-def _capturing_call(original: Callable[..., Any]) -> Callable[..., Any]:
-  """`original` (a layer's `__call__`), plus capture inside a session."""
-
-  @functools.wraps(original)
-  def call(self, inputs, *args, **kwargs):
-    session = _sessions.current()
-    path = None if session is None else getattr(self, _PATH, None)
-    if path is None:  # outside value_and_grad, or not part of the model
-      return original(self, inputs, *args, **kwargs)
-    _check_supported(path, self)
-    y = original(self, inputs, *args, **kwargs)
-    unsupported = lambda why: _unsupported(path, self, why)
-    # The calls already on this copy of the layer: a lifted transform may
-    # trace its body more than once, each time on a fresh copy.
-    index = sum(name.startswith(_INPUTS) for name in vars(self))
-    sampled = session.sample(
-      path,
-      type(self).__name__,
-      inputs,
-      index,
-      lambda rows: _sample(self, inputs, y, rows, args, kwargs, unsupported),
-    )
-    setattr(self, f'{_INPUTS}{index}', FrogInputs(sampled.inputs))
-    name = f'{_PERTURBATION}{index}'
-    if session.discover:
-      zeros = jnp.zeros(sampled.perturbation_shape, y.dtype)
-      setattr(self, name, FrogPerturbation(zeros))
-      return y
-    return sampled.add_perturbation(getattr(self, name)[...])
-
-  return call
-
-
-_saved_calls: dict[type, Callable[..., Any]] = {}
-
-
-@contextlib.contextmanager
-def _capturing_layers():
-  """Replaces the layers' `__call__` while any thread is capturing.
-
-  The originals are saved and put back when the last capture ends, whatever
-  other wrappers did to the class attribute in between.
-  """
-  global _patch_depth
-  with _patch_lock:
-    if _patch_depth == 0:
-      for cls in _CAPTURED_TYPES:
-        _saved_calls[cls] = cls.__dict__['__call__']
-        cls.__call__ = _capturing_call(_saved_calls[cls])
-    _patch_depth += 1
-  try:
-    yield
-  finally:
-    with _patch_lock:
-      _patch_depth -= 1
-      if _patch_depth == 0:
-        for cls in _CAPTURED_TYPES:
-          cls.__call__ = _saved_calls.pop(cls)
-
-
-def _captured_modules(model: nnx.Module) -> dict[str, nnx.Module]:
-  return {
-    paths.path_name(path): module
-    for path, module in nnx.iter_modules(model)
-    if isinstance(module, _CAPTURED_TYPES)
-  }
-
-
-@contextlib.contextmanager
-def _tagged(model: nnx.Module):
-  """Marks the model's layers with their paths; removes every trace after."""
-  modules = _captured_modules(model)
-  for path, module in modules.items():
-    setattr(module, _PATH, path)
-  try:
-    yield
-  finally:
-    for module in modules.values():
-      for name in list(vars(module)):
-        if name == _PATH or name.startswith((_INPUTS, _PERTURBATION)):
-          delattr(module, name)
-
-
-def _calls(state: nnx.State, prefix: str) -> dict[str, list[jax.Array]]:
-  """`{module path: [value of call 0, call 1, ...]}` from capture Variables."""
-  by_call: dict[str, dict[int, jax.Array]] = {}
-  for path, value in nnx.to_flat_state(state):
-    name = paths.key_name(path[-1])
-    module = paths.path_name(path[:-1])
-    value = value[...] if isinstance(value, nnx.Variable) else value
-    by_call.setdefault(module, {})[int(name[len(prefix) :])] = value
-  return {m: [calls[i] for i in sorted(calls)] for m, calls in by_call.items()}
-
-
-def _uncaptured_modules(model: nnx.Module) -> dict[str, str]:
-  """`{path: type name}` of the modules with a kernel the capture skips."""
-  return {
-    paths.path_name(path): type(module).__name__
-    for path, module in nnx.iter_modules(model)
-    if not isinstance(module, _CAPTURED_TYPES)
-    and isinstance(getattr(module, 'kernel', None), nnx.Param)
-  }
+from frog_optax._src.nnx_capture import FrogInputs
+from frog_optax._src.nnx_capture import FrogPerturbation
 
 
 def value_and_grad(
@@ -283,11 +101,11 @@ def value_and_grad(
     capture_lib.check_axis_name(axis_name)
 
     def run(session, model, *args, **kwargs):
-      with _sessions.scope(session), _capturing_layers():
+      with nnx_capture.sessions.scope(session), nnx_capture.capturing_layers():
         out = fun(model, *args, **kwargs)
       return out if has_aux else (out, None)
 
-    with _tagged(model):
+    with nnx_capture.tagged(model):
       # Shapes only, on copies: neither the model nor graph nodes among the
       # arguments (an `nnx.Rngs` for dropout) are touched.
       discovery = capture_lib.Recorder(True, sample_size, rng)
@@ -309,14 +127,20 @@ def value_and_grad(
         argnums=wrt,
         has_aux=True,
       )(model, *args, **kwargs)
-      inputs = _calls(nnx.state(model, FrogInputs), _INPUTS)
+      inputs = nnx_capture.calls(
+        nnx.state(model, FrogInputs), nnx_capture.INPUTS_PREFIX
+      )
     perturbation_grads, grads = nnx.split_state(
       all_grads, FrogPerturbation, ...
     )
-    output_grads = _calls(perturbation_grads, _PERTURBATION)
+    output_grads = nnx_capture.calls(
+      perturbation_grads, nnx_capture.PERTURBATION_PREFIX
+    )
     captured = session.layer_stats(inputs, output_grads, axis_name)
     params = nnx.to_pure_dict(grads)
-    stats = stats_lib.stats_tree(params, captured, _uncaptured_modules(model))
+    stats = stats_lib.stats_tree(
+      params, captured, nnx_capture.uncaptured_modules(model)
+    )
     value = (loss, aux) if has_aux else loss
     return value, grads, stats
 
