@@ -16,9 +16,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 
 import frog_optax as fo
+from examples.compare import report
+from examples.compare import verdict as verdict_lib
 from harness import data as data_lib
 from harness import loop
 from harness import models
@@ -65,8 +68,8 @@ def make_train_step(model, tx, name: str, sample_size: int | None):
   )
 
 
-def train_one(name, config, data, model, variables):
-  """Trains one optimizer; returns its history and summary numbers."""
+def train_one(name, config, data, model, variables, seed):
+  """Trains one optimizer from `variables` with batch order `seed`."""
   steps_per_epoch = len(data.y_train) // config.batch_size
   total_steps = steps_per_epoch * config.num_epochs
   tx = make_optimizer(name, config, total_steps)
@@ -88,17 +91,18 @@ def train_one(name, config, data, model, variables):
     data,
     batch_size=config.batch_size,
     num_epochs=config.num_epochs,
-    seed=config.seed,
+    seed=seed,
     eval_every=config.eval_every,
     evaluate=lambda s: accuracy(
       {'params': s[0], 'batch_stats': s[1]}, data.x_test, data.y_test
     ),
     targets=config.target_accuracies,
-    desc=f'{name:>6}',
+    desc=f'{name:>6} seed {seed}',
   )
   if run['diverged']:
     print(f'warning: {name} diverged (loss {run["history"][-1]["train_loss"]})')
   return dict(
+    seed=seed,
     history=run['history'],
     compile_seconds=compile_seconds,
     final_test_accuracy=run['final_accuracy'],
@@ -109,6 +113,36 @@ def train_one(name, config, data, model, variables):
     step_fn=compiled,
     state=state,
   )
+
+
+def aggregate(runs: list[dict], targets) -> dict[str, Any]:
+  """One optimizer over its seeds: accuracy mean ± std, median crossings."""
+  finals = np.array([r['final_test_accuracy'] for r in runs])
+  out = dict(
+    runs=[
+      {k: v for k, v in r.items() if k not in ('step_fn', 'state')}
+      for r in runs
+    ],
+    steps=runs[0]['steps'],
+    final_test_accuracy=float(finals.mean()),
+    final_test_accuracy_std=float(finals.std(ddof=1)) if len(runs) > 1 else 0.0,
+    compile_seconds=float(np.median([r['compile_seconds'] for r in runs])),
+    to_target={},
+  )
+  for a in targets:
+    hits = [r['to_target'][str(a)] for r in runs]
+    steps = [h[0] for h in hits if h is not None]
+    seconds = [h[1] for h in hits if h is not None]
+    median = lambda v: float(np.median(v)) if v else None
+    out['to_target'][str(a)] = dict(
+      reached=len(steps),
+      of=len(hits),
+      steps=steps,
+      seconds=seconds,
+      steps_median=median(steps),
+      seconds_median=median(seconds),
+    )
+  return out
 
 
 def interleaved_step_times(runs, x, y, rounds):
@@ -122,66 +156,15 @@ def interleaved_step_times(runs, x, y, rounds):
   )
 
 
-def summary_table(results, targets) -> str:
-  names = list(results['optimizers'])
-  base = results['step_seconds'].get('sgd')
-  header = (
-    ['optimizer', 'final test acc']
-    + [f'to {a:.0%}: steps / s' for a in targets]
-    + ['step ms', 'vs SGD', 'compile s']
-  )
-  rows = [header]
-  for name in names:
-    r = results['optimizers'][name]
-    cells = [name, f'{r["final_test_accuracy"]:.4f}']
-    for a in targets:
-      hit = r['to_target'][str(a)]
-      cells.append('never' if hit is None else f'{hit[0]} / {hit[1]:.1f}')
-    ms = results['step_seconds'][name] * 1e3
-    cells += [
-      f'{ms:.1f}',
-      f'{results["step_seconds"][name] / base:.2f}x' if base else '-',
-      f'{r["compile_seconds"]:.1f}',
-    ]
-    rows.append(cells)
-  lines = ['| ' + ' | '.join(row) + ' |' for row in rows]
-  lines.insert(1, '|' + '---|' * len(header))
-  return '\n'.join(lines)
-
-
-def plot(results, path):
-  import matplotlib  # noqa: PLC0415
-
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # noqa: PLC0415
-
-  fig, (ax_t, ax_s) = plt.subplots(1, 2, figsize=(11, 4))
-  for name, r in results['optimizers'].items():
-    h = r['history']
-    acc = [e['test_accuracy'] for e in h]
-    ax_t.plot([e['train_seconds'] for e in h], acc, label=name)
-    ax_s.plot([e['step'] for e in h], acc, label=name)
-  lo = min(results['config']['target_accuracies']) - 0.05
-  for ax, xlabel in (
-    (ax_t, 'training wall-clock (s, eval excluded)'),
-    (ax_s, 'steps'),
-  ):
-    ax.set_ylim(lo, 1.0)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel('test accuracy')
-    ax.grid(alpha=0.3)
-    ax.legend()
-  fig.suptitle(
-    f'{results["config"]["dataset"]}: test accuracy '
-    f'({results["machine"]["processor"]})'
-  )
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+ROUTING_TITLE = """Which parameters FROG preconditions (fo.describe):
+  route: frog = preconditioned, fallback = the fallback optimizer;
+  D: entries per row (the bias counted); samples: (example, location) pairs
+  behind each row's Fisher; "rank-deficient": fewer samples than D, so the
+  layer is damped by damping + rank_damping·D/samples."""
 
 
 def print_frog_routing(model, variables, data, config):
-  """Shows which parameters FROG preconditions (fo.describe)."""
+  """Shows which parameters FROG preconditions, with a legend."""
   _, _, stats = fo.linen.value_and_grad(
     make_loss(model), sample_size=config.frog.sample_size, has_aux=True
   )(
@@ -190,47 +173,69 @@ def print_frog_routing(model, variables, data, config):
     jnp.asarray(data.x_train[: config.batch_size]),
     jnp.asarray(data.y_train[: config.batch_size]),
   )
+  print(ROUTING_TITLE)
   print(fo.describe(variables['params'], stats, tuple(config.frog.exclude)))
 
 
 def train_and_evaluate(
   config: ml_collections.ConfigDict, workdir: str
 ) -> dict[str, Any]:
-  """Trains all optimizers, prints the table, writes JSON and a plot."""
+  """Trains all optimizers over the seeds; prints the table and verdict.
+
+  Writes `results.json`, `summary.md` (table and verdict) and
+  `accuracy_vs_time.png` (accuracy and training loss against wall-clock and
+  steps) to `workdir`.
+  """
+  if config.num_seeds < 1:
+    raise ValueError(f'num_seeds must be >= 1, got {config.num_seeds}.')
   data = data_lib.load(config.dataset, config.data_path or None)
   model = models.ConvNet(
     features=tuple(config.features), num_classes=data.num_classes
   )
-  variables = model.init(
-    jax.random.key(config.seed), jnp.asarray(data.x_train[:2])
+  seeds = [config.seed + i for i in range(config.num_seeds)]
+  init = lambda seed: model.init(
+    jax.random.key(seed), jnp.asarray(data.x_train[:2])
   )
   print(f'{data.name}: train {data.x_train.shape}, test {data.x_test.shape}')
   if 'frog' in config.optimizers:
-    print_frog_routing(model, variables, data, config)
+    print_frog_routing(model, init(seeds[0]), data, config)
 
-  runs = {
-    name: train_one(name, config, data, model, variables)
-    for name in config.optimizers
-  }
+  # Every optimizer starts from the same initialisation and batch order of
+  # each seed.
+  seed_runs = {name: [] for name in config.optimizers}
+  for seed in seeds:
+    variables = init(seed)
+    for name in config.optimizers:
+      seed_runs[name].append(
+        train_one(name, config, data, model, variables, seed)
+      )
   x = jnp.asarray(data.x_train[: config.batch_size])
   y = jnp.asarray(data.y_train[: config.batch_size])
+  first = {name: runs[0] for name, runs in seed_runs.items()}
   results = dict(
     record.environment(),
     config=config.to_dict(),
-    step_seconds=interleaved_step_times(runs, x, y, config.timing_rounds),
+    num_seeds=len(seeds),
+    step_seconds=interleaved_step_times(first, x, y, config.timing_rounds),
   )
   results['optimizers'] = {
-    name: {k: v for k, v in run.items() if k not in ('step_fn', 'state')}
-    for name, run in runs.items()
+    name: aggregate(runs, config.target_accuracies)
+    for name, runs in seed_runs.items()
   }
+  write_outputs(results, workdir)
+  return results
 
-  table = summary_table(results, config.target_accuracies)
-  print(table)
+
+def write_outputs(results: dict[str, Any], workdir: str) -> None:
+  """Adds the verdict; prints it with the table; writes JSON, table, plot."""
+  targets = results['config']['target_accuracies']
+  results['verdict'] = verdict_lib.verdict(results, targets)
+  text = f'{report.summary_table(results, targets)}\n\n{results["verdict"]}'
+  print(text)
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, 'results.json'), 'w') as f:
     json.dump(results, f, indent=1, default=str)
   with open(os.path.join(workdir, 'summary.md'), 'w') as f:
-    f.write(table + '\n')
-  plot(results, os.path.join(workdir, 'accuracy_vs_time.png'))
+    f.write(text + '\n')
+  report.plot(results, os.path.join(workdir, 'accuracy_vs_time.png'))
   print(f'wrote {workdir}/results.json, summary.md, accuracy_vs_time.png')
-  return results

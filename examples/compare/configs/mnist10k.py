@@ -1,4 +1,4 @@
-"""MNIST-10k (../shared/data/mnist10k.npz): 8k train / 2k test, batch 256."""
+"""MNIST-10k (pass --config.data_path): 8k train / 2k test, batch 256."""
 
 from examples.compare.configs import default
 
