@@ -19,6 +19,8 @@ layer of the stack is preconditioned on its own. `nn.Embed` has no kernel
 and goes to the fallback.
 """
 
+from __future__ import annotations
+
 from collections.abc import Callable
 from typing import Any
 

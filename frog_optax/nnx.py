@@ -29,6 +29,8 @@ Example:
   >>> _ = optimizer.update(model, grads, frog_stats=stats)
 """
 
+from __future__ import annotations
+
 from collections.abc import Callable
 from typing import Any
 

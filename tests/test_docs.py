@@ -1,5 +1,6 @@
 """The documentation site builds with warnings as errors and covers the API."""
 
+import inspect
 import pathlib
 import re
 
@@ -38,3 +39,13 @@ def test_docs_build_without_warnings(tmp_path):
   assert status == 0
   assert (tmp_path / 'api.html').exists()
   assert (tmp_path / '_autosummary' / 'frog_optax.frog.html').exists()
+
+
+def test_public_signatures_read_as_written():
+  # help(fo.frog) shows `optax.ScalarOrSchedule`, not its expanded Union.
+  for module in (fo, fo.linen, fo.nnx):
+    for name in module.__all__:
+      obj = getattr(module, name)
+      if callable(obj) and not isinstance(obj, type):
+        signature = str(inspect.signature(obj))
+        assert 'jaxlib' not in signature and 'Union[' not in signature, name

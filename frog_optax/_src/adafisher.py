@@ -23,6 +23,8 @@ Moving averages, two forms:
 Both start from all-ones factors, as the released code does.
 """
 
+from __future__ import annotations
+
 from collections.abc import Sequence
 from typing import Any
 from typing import NamedTuple

@@ -6,6 +6,8 @@ and the alias chain momentum → member → weight decay → learning rate, rout
 against the fallback.
 """
 
+from __future__ import annotations
+
 from collections.abc import Callable
 from collections.abc import Sequence
 from typing import Any

@@ -10,6 +10,8 @@ Differences from `jax.scipy.sparse.linalg.cg`:
   the step size of that row becomes zero and its iterate stays put.
 """
 
+from __future__ import annotations
+
 from collections.abc import Callable
 from typing import Any
 

@@ -1,5 +1,7 @@
 """A human-readable table of how FROG treats each parameter."""
 
+from __future__ import annotations
+
 import math
 from typing import Any
 

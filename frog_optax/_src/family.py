@@ -9,6 +9,8 @@ missing, checks that stats belong to their parameters, keeps a step count,
 and leaves every other leaf unchanged.
 """
 
+from __future__ import annotations
+
 from collections.abc import Callable
 from collections.abc import Sequence
 from typing import Any

@@ -15,6 +15,8 @@ members of the family use the same maps with other weights (a scalar for
 solvers, the design matrix itself.
 """
 
+from __future__ import annotations
+
 from collections.abc import Callable
 from typing import Any
 from typing import NamedTuple

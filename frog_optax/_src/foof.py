@@ -18,6 +18,8 @@ Two solvers share the captured inputs:
   stored, so there is no moving average and no refresh interval.
 """
 
+from __future__ import annotations
+
 from collections.abc import Sequence
 from typing import Any
 from typing import NamedTuple

@@ -6,6 +6,8 @@ ablation switches and the optimizer alias, `frog_layer.py` its per-layer
 rule.
 """
 
+from __future__ import annotations
+
 from collections.abc import Sequence
 from typing import Any
 

@@ -4,6 +4,8 @@
 it to every preconditioned layer through the family's shell.
 """
 
+from __future__ import annotations
+
 import warnings
 from typing import Any
 

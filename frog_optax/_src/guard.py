@@ -6,6 +6,8 @@ gradients) or by a hyper-parameter (a damping schedule that returns NaN),
 while the gradients stay finite. This guard looks at all three.
 """
 
+from __future__ import annotations
+
 from typing import Any
 
 import jax

@@ -13,6 +13,8 @@ per-row scalar, so K-FROG is a diagonal-times-Kronecker preconditioner
 rather than FROG's per-row Fisher.
 """
 
+from __future__ import annotations
+
 from collections.abc import Sequence
 from typing import Any
 

@@ -6,6 +6,8 @@ perturbation variable (`frog_perturbations`) to their outputs, whose
 gradient is dLoss/d(outputs). `frog_optax.linen.value_and_grad` drives it.
 """
 
+from __future__ import annotations
+
 import dataclasses
 from collections.abc import Callable
 from typing import Any

@@ -7,6 +7,8 @@ their `nn.scan` stacks), unless its path is excluded. Every member
 of the family (FROG, K-FROG, FOOF, AdaFisher) routes the same way.
 """
 
+from __future__ import annotations
+
 from collections.abc import Sequence
 from typing import Any
 
