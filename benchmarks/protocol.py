@@ -25,10 +25,6 @@ from benchmarks import tasks as tasks_lib
 from harness import loop
 from harness import timing
 
-# Steps run before timing: kfac-jax compiles a second step variant (the
-# one that refreshes its inverses) on its first step.
-WARMUP_STEPS = timing.WARMUP_CALLS
-
 
 def _batch(data, idx):
   return jnp.asarray(data.x_train[idx]), jnp.asarray(data.y_train[idx])
@@ -60,7 +56,7 @@ def train_run(task, spec, data, learning_rate, seed, desc=''):
 
   warm = init()
   t = time.perf_counter()
-  for _ in range(WARMUP_STEPS):
+  for _ in range(timing.WARMUP_CALLS):
     warm, loss = trainer.step(warm, x, y)
   jax.block_until_ready(loss)
   warmup_seconds = time.perf_counter() - t
@@ -142,7 +138,7 @@ def step_costs(task, specs, data, learning_rates, rounds):
       step_seconds=medians[name],
       step_seconds_mean=spreads[name]['mean'],
       step_seconds_iqr=spreads[name]['iqr'],
-      compile_seconds=first_calls[name] - WARMUP_STEPS * medians[name],
+      compile_seconds=first_calls[name] - timing.WARMUP_CALLS * medians[name],
       optimizer_state_bytes=run['state_bytes'],
       xla_step_bytes=xla_bytes(run['trainer'], run['state'], x, y),
     )
@@ -168,28 +164,18 @@ def xla_bytes(trainer, state, x, y) -> dict[str, int] | None:
 
 def aggregate(seed_runs, targets) -> dict[str, Any]:
   """Mean ± std of the final accuracy and the per-target crossings."""
-  finals = np.array([r['final_accuracy'] for r in seed_runs])
-  out = dict(
-    final_accuracy_mean=float(finals.mean()),
-    final_accuracy_std=float(finals.std(ddof=1)) if len(finals) > 1 else 0.0,
+  mean, std = loop.mean_and_std([r['final_accuracy'] for r in seed_runs])
+  return dict(
+    final_accuracy_mean=mean,
+    final_accuracy_std=std,
     train_seconds_mean=float(np.mean([r['train_seconds'] for r in seed_runs])),
-    to_target={},
+    to_target={
+      str(a): loop.crossings_over_seeds(
+        [r['to_target'][str(a)] for r in seed_runs]
+      )
+      for a in targets
+    },
   )
-  for a in targets:
-    hits = [r['to_target'][str(a)] for r in seed_runs]
-    reached = [h for h in hits if h is not None]
-    out['to_target'][str(a)] = dict(
-      reached=len(reached),
-      of=len(hits),
-      # Medians over the seeds that reached the target.
-      steps_median=float(np.median([h[0] for h in reached]))
-      if reached
-      else None,
-      seconds_median=float(np.median([h[1] for h in reached]))
-      if reached
-      else None,
-    )
-  return out
 
 
 def run_task(task, specs, data, seeds, timing_rounds, learning_rates=None):

@@ -52,6 +52,32 @@ def first_reach(history: Sequence[dict], target: float):
   return None
 
 
+def mean_and_std(values: Sequence[float]) -> tuple[float, float]:
+  """Mean and sample standard deviation over seeds (0 for one seed)."""
+  values = np.asarray(values, dtype=float)
+  std = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+  return float(values.mean()), std
+
+
+def crossings_over_seeds(hits: Sequence[tuple | None]) -> dict[str, Any]:
+  """One target's `first_reach` results over seeds, summarised.
+
+  Returns how many seeds reached it (`reached` of `of`), their `steps` and
+  `seconds`, and the medians over the seeds that reached it (None if none).
+  """
+  steps = [h[0] for h in hits if h is not None]
+  seconds = [h[1] for h in hits if h is not None]
+  median = lambda v: float(np.median(v)) if v else None
+  return dict(
+    reached=len(steps),
+    of=len(hits),
+    steps=steps,
+    seconds=seconds,
+    steps_median=median(steps),
+    seconds_median=median(seconds),
+  )
+
+
 def train(
   step: Callable[[Any, jax.Array, jax.Array], tuple[Any, jax.Array]],
   state: Any,

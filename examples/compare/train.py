@@ -117,32 +117,21 @@ def train_one(name, config, data, model, variables, seed):
 
 def aggregate(runs: list[dict], targets) -> dict[str, Any]:
   """One optimizer over its seeds: accuracy mean ± std, median crossings."""
-  finals = np.array([r['final_test_accuracy'] for r in runs])
-  out = dict(
+  mean, std = loop.mean_and_std([r['final_test_accuracy'] for r in runs])
+  return dict(
     runs=[
       {k: v for k, v in r.items() if k not in ('step_fn', 'state')}
       for r in runs
     ],
     steps=runs[0]['steps'],
-    final_test_accuracy=float(finals.mean()),
-    final_test_accuracy_std=float(finals.std(ddof=1)) if len(runs) > 1 else 0.0,
+    final_test_accuracy=mean,
+    final_test_accuracy_std=std,
     compile_seconds=float(np.median([r['compile_seconds'] for r in runs])),
-    to_target={},
+    to_target={
+      str(a): loop.crossings_over_seeds([r['to_target'][str(a)] for r in runs])
+      for a in targets
+    },
   )
-  for a in targets:
-    hits = [r['to_target'][str(a)] for r in runs]
-    steps = [h[0] for h in hits if h is not None]
-    seconds = [h[1] for h in hits if h is not None]
-    median = lambda v: float(np.median(v)) if v else None
-    out['to_target'][str(a)] = dict(
-      reached=len(steps),
-      of=len(hits),
-      steps=steps,
-      seconds=seconds,
-      steps_median=median(steps),
-      seconds_median=median(seconds),
-    )
-  return out
 
 
 def interleaved_step_times(runs, x, y, rounds):
@@ -193,18 +182,18 @@ def train_and_evaluate(
     features=tuple(config.features), num_classes=data.num_classes
   )
   seeds = [config.seed + i for i in range(config.num_seeds)]
-  init = lambda seed: model.init(
-    jax.random.key(seed), jnp.asarray(data.x_train[:2])
-  )
-  print(f'{data.name}: train {data.x_train.shape}, test {data.x_test.shape}')
-  if 'frog' in config.optimizers:
-    print_frog_routing(model, init(seeds[0]), data, config)
-
   # Every optimizer starts from the same initialisation and batch order of
   # each seed.
+  inits = {
+    seed: model.init(jax.random.key(seed), jnp.asarray(data.x_train[:2]))
+    for seed in seeds
+  }
+  print(f'{data.name}: train {data.x_train.shape}, test {data.x_test.shape}')
+  if 'frog' in config.optimizers:
+    print_frog_routing(model, inits[seeds[0]], data, config)
+
   seed_runs = {name: [] for name in config.optimizers}
-  for seed in seeds:
-    variables = init(seed)
+  for seed, variables in inits.items():
     for name in config.optimizers:
       seed_runs[name].append(
         train_one(name, config, data, model, variables, seed)

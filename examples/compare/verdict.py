@@ -52,12 +52,8 @@ def _final_accuracy(optimizers: dict[str, Any], n: int) -> str:
   return text
 
 
-def _first(optimizers, target, key, n, unit) -> str:
-  reached = {
-    name: r['to_target'][str(target)]
-    for name, r in optimizers.items()
-    if r['to_target'][str(target)]['reached'] == n
-  }
+def _first(reached: dict[str, Any], key: str, n: int, unit: str) -> str:
+  """Who of `reached` (every seed got there) crossed first by `key`."""
   ranked = sorted(reached, key=lambda k: reached[k][f'{key}_median'])
   w = reached[ranked[0]]
   fmt = (lambda v: f'{v:.2f} s') if unit == 's' else (lambda v: f'{v:g}')
@@ -77,22 +73,15 @@ def _first(optimizers, target, key, n, unit) -> str:
 
 
 def _target(optimizers: dict[str, Any], target: float, n: int) -> str:
-  everywhere = [
-    k
-    for k, r in optimizers.items()
-    if r['to_target'][str(target)]['reached'] == n
-  ]
-  never = [
-    k
-    for k, r in optimizers.items()
-    if r['to_target'][str(target)]['reached'] == 0
-  ]
+  hits = {k: r['to_target'][str(target)] for k, r in optimizers.items()}
+  everywhere = {k: h for k, h in hits.items() if h['reached'] == n}
+  never = [k for k, h in hits.items() if h['reached'] == 0]
   if not everywhere:
     return f'Nobody reached {target:.0%} test accuracy in every seed.'
   text = (
     f'To {target:.0%}, first in wall-clock: '
-    f'{_first(optimizers, target, "seconds", n, "s")}; first in steps: '
-    f'{_first(optimizers, target, "steps", n, "steps")}.'
+    f'{_first(everywhere, "seconds", n, "s")}; first in steps: '
+    f'{_first(everywhere, "steps", n, "steps")}.'
   )
   if never:
     text += f' Never reached: {", ".join(never)}.'
