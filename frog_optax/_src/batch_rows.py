@@ -75,3 +75,29 @@ def add_to_rows(
   if tail:
     spread = jnp.pad(spread, [(0, tail)] + [(0, 0)] * (a.ndim - 1))
   return a + spread
+
+
+def tap_rows(
+  a: jax.Array, rows: jax.Array | slice, zeros: jax.Array
+) -> jax.Array:
+  """`a.at[rows].add(zeros)` for an all-zero `zeros`, without touching `a`.
+
+  The capture's perturbation is always zero, so the value is `a` itself;
+  only derivatives see `zeros`: the tangent adds it to the rows, and reverse
+  mode transposes that into a slice of the cotangent. Adding the zeros in
+  the forward pass instead cost one more pass over every captured layer's
+  full-batch output.
+  """
+
+  @jax.custom_jvp
+  def tap(a, zeros):
+    del zeros
+    return a
+
+  @tap.defjvp
+  def tap_jvp(primals, tangents):
+    a, _ = primals
+    a_dot, zeros_dot = tangents
+    return a, add_to_rows(a_dot, rows, zeros_dot.astype(a_dot.dtype))
+
+  return tap(a, zeros)

@@ -21,8 +21,8 @@ from jax import lax
 
 from frog_optax._src import geometry as geometry_lib
 from frog_optax._src import stats as stats_lib
-from frog_optax._src.batch_rows import add_to_rows
 from frog_optax._src.batch_rows import take_rows
+from frog_optax._src.batch_rows import tap_rows
 
 Unsupported = Callable[[str], Exception]  # why -> the error to raise
 
@@ -249,7 +249,7 @@ def sample_dense(x: jax.Array, y: jax.Array, rows, dense: DenseMap) -> Sampled:
   inverse = tuple(np.argsort(dense.y_perm))
 
   def add_perturbation(p):
-    return add_to_rows(y, rows, p.reshape(permuted).transpose(inverse))
+    return tap_rows(y, rows, p.reshape(permuted).transpose(inverse))
 
   return Sampled(
     inputs=lax.stop_gradient(x_rows),
@@ -276,7 +276,7 @@ def sample_conv(
   return Sampled(
     inputs=lax.stop_gradient(x_rows),
     perturbation_shape=p_shape,
-    add_perturbation=lambda p: add_to_rows(y, rows, p.reshape(y_rows_shape)),
+    add_perturbation=lambda p: tap_rows(y, rows, p.reshape(y_rows_shape)),
     geometry=geometry,
     layout=stats_lib.ParamLayout(),
   )
