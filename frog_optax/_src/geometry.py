@@ -152,13 +152,24 @@ class ConvGeometry:
     """‖x_{n,t}‖² (+1 for the bias) of the patch each row sees.
 
     Shape `(n, *out_spatial, 1 or rows)`: rows of one feature group see the
-    same patch, so one all-ones convolution per group suffices.
+    same patch. A windowed sum (with the layer's strides, padding and
+    dilations) of the squared inputs summed over each group's channels: the
+    same numbers as an all-ones convolution with one output channel per
+    group, which convolution libraries run poorly.
     """
     groups = self.feature_group_count
-    window = tuple(kernel_shape[:-2])
     sq = jnp.square(inputs)
-    norms = self.conv(
-      sq, jnp.ones(window + (kernel_shape[-2], groups), sq.dtype)
+    sq = sq.reshape(sq.shape[:-1] + (groups, -1)).sum(axis=-1)
+    window = tuple(kernel_shape[:-2])
+    norms = lax.reduce_window(
+      sq,
+      jnp.zeros((), sq.dtype),
+      lax.add,
+      window_dimensions=(1, *window, 1),
+      window_strides=(1, *self.strides, 1),
+      padding=((0, 0), *self.padding, (0, 0)),
+      base_dilation=(1, *self.input_dilation, 1),
+      window_dilation=(1, *self.kernel_dilation, 1),
     )
     if groups > 1:
       norms = jnp.repeat(norms, kernel_shape[-1] // groups, axis=-1)
