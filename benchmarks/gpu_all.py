@@ -12,7 +12,11 @@ one process, each a set of interleaved step timings side by side:
   trace, the CG's forward and weight-gradient convolutions, the whole solve)
   at B = 512, s = 64, k = 4;
 - bfloat16: FROG (B = 512, s = 64, k = 4), SGD and AdamW, and the same
-  breakdown.
+  breakdown;
+- the census of the float32 steps at B = 512, s = 64, k = 4
+  (`benchmarks.step_census`): kernels, FLOPs and bytes of the compiled SGD,
+  capture-only and FROG steps beside their times, so that the FROG/SGD time
+  ratio can be set against each.
 
 Each run writes its JSON and plot (device and versions recorded);
 `gpu_all.json` collects the headline ratios at B = 512, s = 64, k = 4 and
@@ -25,6 +29,7 @@ import argparse
 import json
 import os
 
+from benchmarks import step_census
 from benchmarks import step_cost
 from harness import record
 
@@ -75,6 +80,17 @@ def runs(smoke: bool, rounds: int) -> dict[str, list[str]]:
   }
 
 
+def census_args(smoke: bool, rounds: int) -> list[str]:
+  """The step_census arguments (float32, at the headline point)."""
+  b, s, k = SMOKE_HEADLINE if smoke else HEADLINE
+  net = ['--net', 'convnet'] if smoke else []
+  return [
+    *net,
+    *('--batch', str(b), '--samples', str(s), '--cg-iters', str(k)),
+    *('--rounds', '1' if smoke else str(rounds)),
+  ]
+
+
 def headline(result: dict, point: tuple[int, int, int]) -> dict:
   """FROG's and the baselines' step time relative to SGD at `point`."""
   b, s, k = point
@@ -116,6 +132,14 @@ def table(summary: dict) -> str:
       f'| {dtype} | {h["frog_over_sgd"]:.2f} | {h["cost_model"]:.2f}'
       f' | {others} | {h["sgd_ms"]:.1f} |'
     )
+  census = summary.get('census')
+  if census:
+    lines += [
+      '',
+      'FROG/SGD of the compiled float32 steps (XLA): kernels'
+      f' {census["kernels"]:.2f}, FLOPs {census["flops"]:.2f}, bytes'
+      f' {census["bytes"]:.2f}, time {census["seconds"]:.2f}.',
+    ]
   return '\n'.join(lines)
 
 
@@ -127,12 +151,19 @@ def main(argv=None) -> dict:
   args = p.parse_args(argv)
   point = SMOKE_HEADLINE if args.smoke else HEADLINE
   summary = dict(record.environment(), headline_point=list(point), runs={})
+  net = 'convnet' if args.smoke else 'resnet18'
   for dtype, run_args in runs(args.smoke, args.rounds).items():
-    net = 'convnet' if args.smoke else 'resnet18'
     out = os.path.join(args.out_dir, f'step_cost_{net}_{dtype}.json')
     result = step_cost.main([*run_args, '--out', out])
     summary['runs'][dtype] = headline(result, point)
     summary['net'] = result['setup']['net']
+  census = step_census.main(
+    [
+      *census_args(args.smoke, args.rounds),
+      *('--out', os.path.join(args.out_dir, f'step_census_{net}_float32.json')),
+    ]
+  )
+  summary['census'] = census['steps']['frog']['over_sgd']
   os.makedirs(args.out_dir, exist_ok=True)
   with open(os.path.join(args.out_dir, 'gpu_all.json'), 'w') as f:
     json.dump(summary, f, indent=1)

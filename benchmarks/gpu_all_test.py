@@ -42,6 +42,10 @@ def test_headline_ratios_come_from_the_runs(outputs):
     }
   table = (out / 'gpu_all.md').read_text()
   assert '| float32 |' in table and '| bfloat16 |' in table
+  census = json.loads((out / 'step_census_convnet_float32.json').read_text())
+  assert summary['census'] == census['steps']['frog']['over_sgd']
+  assert set(summary['census']) == {'kernels', 'flops', 'bytes', 'seconds'}
+  assert f'kernels {summary["census"]["kernels"]:.2f}' in table
 
 
 def test_the_gpu_runs_time_resnet18_at_batch_512_in_both_dtypes():

@@ -7,7 +7,8 @@ compiled, then timed in interleaved rounds in one process (medians), so the
 ratios are side by side. The breakdown, at one (B, s, k), times FROG's
 pieces summed over the preconditioned layers: capture (the capture-enabled
 step feeding a plain SGD update, minus the SGD step), the trace
-normalisation, the CG's forward and transpose (weight-gradient)
+normalisation (its windowed sum, and beside it the all-ones convolution
+it replaced), the CG's forward and transpose (weight-gradient)
 convolutions, and the whole per-layer solve.
 
   python -m benchmarks.step_cost --width 0.25 \
@@ -117,25 +118,39 @@ def layer_pieces(layer_stats, grads, cg_iters):
       s, g, damping=1e-3, cg_iters=cg_iters, eps=1e-10
     )
   )
-  return {
+  pieces = {
     'trace': lambda: trace(x),
     'cg_forward_conv': lambda: forward(x, grads),
     'cg_transpose_conv': lambda: transpose(x, dy),
     'solve_total': lambda: solve(layer_stats, grads),
   }
+  if isinstance(geom, fo.ConvGeometry):
+    # The same patch norms as an all-ones convolution with one output
+    # channel per group, the way FROG computed them before the windowed sum.
+    groups = geom.feature_group_count
+    ones = jnp.ones(grads['kernel'].shape[:-1] + (groups,), dtype)
+    trace_as_conv = jax.jit(lambda x: geom.conv(jnp.square(x), ones))
+    pieces['trace_as_conv'] = lambda: trace_as_conv(x)
+  return pieces
+
+
+def capture_only_tx(params):
+  """FROG with every layer on its SGD fallback: it captures, solves nothing."""
+  return frog_tx(
+    1,
+    fallback=optax.sgd(0.01, 0.9),
+    exclude=tuple(fo.preconditioned_modules(params)),
+  )
 
 
 def breakdown(model, variables, x, y, batch, sample_size, cg_iters, rounds):
   """Capture cost and FROG's pieces (seconds per step, all layers)."""
-  capture_only = frog_tx(
-    cg_iters,
-    fallback=optax.sgd(0.01, 0.9),
-    # Every layer on the fallback: the capture runs, nothing is solved.
-    exclude=tuple(fo.preconditioned_modules(variables['params'])),
-  )
+  capture_only = capture_only_tx(variables['params'])
   runs = {
-    'sgd': _run(model, variables, optax.sgd(0.01, 0.9), None, x, y),
-    'capture_only': _run(model, variables, capture_only, sample_size, x, y),
+    'sgd': optax_run(model, variables, optax.sgd(0.01, 0.9), None, x, y),
+    'capture_only': optax_run(
+      model, variables, capture_only, sample_size, x, y
+    ),
   }
   medians, _, _ = timing.interleaved_steps(runs, x, y, rounds)
   loss_fn = trainers.classification_loss(fo.linen.capture(model.apply))
@@ -162,7 +177,8 @@ def breakdown(model, variables, x, y, batch, sample_size, cg_iters, rounds):
   )
 
 
-def _run(model, variables, tx, sample_size, x, y):
+def optax_run(model, variables, tx, sample_size, x, y):
+  """A run for `timing.interleaved_steps`: the jitted step and its state."""
   trainer = trainers.optax_trainer(model, tx, sample_size=sample_size)
   state = trainer.init(jax.tree.map(jnp.array, variables), None, x, y)
   return dict(trainer=trainer, state=state)
@@ -183,18 +199,22 @@ def _kfac_run(model, variables, x, y):
   return dict(trainer=trainer, state=state)
 
 
+def make_model(net: str, width: float, dtype):
+  """`(model, title, image shape)` of a `NETS` entry."""
+  title, module, shape = NETS[net]
+  if net == 'resnet18':
+    widths = tuple(int(c * width) for c in (64, 128, 256, 512))
+    model = module(num_classes=10, stage_features=widths, dtype=dtype)
+    return model, f'{title}, channels {widths}', shape
+  return module(num_classes=10, dtype=dtype), title, shape
+
+
 def main(argv=None):
   args = parse_args(argv)
-  title, net, shape = NETS[args.net]
   dtype = jnp.dtype(args.dtype)
   if args.kfac and args.dtype != 'float32':
     raise ValueError('--kfac times kfac-jax in float32 only; pass --no-kfac.')
-  if args.net == 'resnet18':
-    widths = tuple(int(c * args.width) for c in (64, 128, 256, 512))
-    model = net(num_classes=10, stage_features=widths, dtype=dtype)
-    title = f'{title}, channels {widths}'
-  else:
-    model = net(num_classes=10, dtype=dtype)
+  model, title, shape = make_model(args.net, args.width, dtype)
   key = jax.random.key(0)
   points, baselines = [], {}
   for batch in args.batches:
@@ -202,14 +222,16 @@ def main(argv=None):
     y = jnp.arange(batch) % 10
     variables = model.init(jax.random.key(1), x[:2])
     runs = {
-      'sgd': _run(
+      'sgd': optax_run(
         model, variables, optax.sgd(0.1, 0.9, nesterov=True), None, x, y
       ),
-      'adamw': _run(model, variables, optax.adamw(1e-3), None, x, y),
+      'adamw': optax_run(model, variables, optax.adamw(1e-3), None, x, y),
     }
     for s in args.samples:
       for k in args.cg_iters:
-        runs[f'frog_s{s}_k{k}'] = _run(model, variables, frog_tx(k), s, x, y)
+        runs[f'frog_s{s}_k{k}'] = optax_run(
+          model, variables, frog_tx(k), s, x, y
+        )
     if args.kfac:
       runs['kfac'] = _kfac_run(model, variables, x, y)
     medians, spreads, first = timing.interleaved_steps(runs, x, y, args.rounds)
@@ -312,12 +334,13 @@ def plot(result, path=None):
   keys = [
     'capture',
     'trace',
+    'trace_as_conv',
     'cg_forward_conv',
     'cg_transpose_conv',
     'cg_convs_per_step',
     'solve_total',
   ]
-  b.bar(keys, [parts[k] * 1e3 for k in keys])
+  b.bar(keys, [parts.get(k, 0.0) * 1e3 for k in keys])
   b.tick_params(axis='x', rotation=25)
   b.set_ylabel('ms per step (all layers)')
   bd = result['breakdown']

@@ -1,0 +1,182 @@
+"""What FROG's compiled step does beyond SGD's: kernels, FLOPs and bytes.
+
+The cost model 1 + 2ks/(3B) counts FLOPs. A step also moves bytes and
+launches kernels, and on a GPU these can dominate. For one net, batch B,
+sample size s and CG iterations k, this compiles three training steps, the
+SGD step, the capture alone (FROG with every layer on its SGD fallback: the
+statistics are captured, nothing is solved) and FROG, and reads from each
+compiled program:
+
+- kernels: the instructions of the entry computation that do work
+  (fusions, convolutions, library calls, copies, reductions...), by opcode;
+  on a GPU each is about one kernel launch;
+- flops and bytes: XLA's cost analysis (it counts every operand of a fusion
+  in full, so a slice fused into a consumer counts its whole operand);
+
+and times the three side by side (interleaved rounds). Which ratio to SGD
+the measured time ratio follows says where FROG's extra time goes.
+
+  python -m benchmarks.step_census --width 0.25 --batch 64 --samples 8 \\
+    --out benchmarks/results/cpu/step_census_resnet18.json
+"""
+
+import argparse
+import collections
+import json
+import os
+import re
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from benchmarks import step_cost
+from harness import record
+from harness import timing
+
+# Entry-computation instructions that launch no work.
+_FREE = frozenset(
+  {
+    'parameter',
+    'constant',
+    'tuple',
+    'get-tuple-element',
+    'bitcast',
+    'after-all',
+    'partition-id',
+    'replica-id',
+    'opt-barrier',
+  }
+)
+_INSTRUCTION = re.compile(r'\s*(?:ROOT\s+)?%\S+\s*=\s*.*?\s([a-z][\w-]*)\(')
+
+
+def kernel_counts(hlo_text: str) -> dict[str, int]:
+  """Working instructions of the entry computation, by opcode."""
+  entry = hlo_text[hlo_text.index('\nENTRY') :]
+  entry = entry[: entry.find('\n}') + 1 or None]
+  counts = collections.Counter()
+  for line in entry.splitlines()[1:]:
+    match = _INSTRUCTION.match(line)
+    if match and match.group(1) not in _FREE:
+      counts[match.group(1)] += 1
+  return dict(sorted(counts.items()))
+
+
+def census(compiled) -> dict:
+  """Kernels, FLOPs and bytes of one compiled program."""
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, list) else cost
+  kernels = kernel_counts(compiled.as_text())
+  return dict(
+    kernels=sum(kernels.values()),
+    kernels_by_opcode=kernels,
+    flops=float(cost.get('flops', 0.0)),
+    bytes=float(cost.get('bytes accessed', 0.0)),
+  )
+
+
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  p.add_argument('--net', choices=sorted(step_cost.NETS), default='resnet18')
+  p.add_argument('--width', type=float, default=1.0)
+  p.add_argument('--batch', type=int, default=512)
+  p.add_argument('--samples', type=int, default=64)
+  p.add_argument('--cg-iters', type=int, default=4)
+  p.add_argument('--dtype', choices=('float32', 'bfloat16'), default='float32')
+  p.add_argument(
+    '--rounds', type=int, default=5, help='timing rounds (0: no timing)'
+  )
+  p.add_argument(
+    '--out', default='benchmarks/results/cpu/step_census_resnet18.json'
+  )
+  return p.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+  args = parse_args(argv)
+  dtype = jnp.dtype(args.dtype)
+  model, title, shape = step_cost.make_model(args.net, args.width, dtype)
+  b, s, k = args.batch, args.samples, args.cg_iters
+  x = jax.random.normal(jax.random.key(0), (b, *shape), dtype)
+  y = jnp.arange(b) % 10
+  variables = model.init(jax.random.key(1), x[:2])
+  runs = {
+    'sgd': step_cost.optax_run(
+      model, variables, optax.sgd(0.01, 0.9), None, x, y
+    ),
+    'capture_only': step_cost.optax_run(
+      model, variables, step_cost.capture_only_tx(variables['params']), s, x, y
+    ),
+    'frog': step_cost.optax_run(
+      model, variables, step_cost.frog_tx(k), s, x, y
+    ),
+  }
+  steps = {}
+  for name, run in runs.items():
+    compiled = run['trainer'].step.lower(run['state'], x, y).compile()
+    steps[name] = census(compiled)
+  if args.rounds:
+    medians, _, _ = timing.interleaved_steps(runs, x, y, args.rounds)
+    for name, seconds in medians.items():
+      steps[name]['seconds'] = seconds
+  sgd = steps['sgd']
+  for step in steps.values():
+    step['over_sgd'] = {
+      key: step[key] / sgd[key]
+      for key in ('kernels', 'flops', 'bytes', 'seconds')
+      if key in step and sgd[key]
+    }
+  result = dict(
+    record.environment(),
+    kind='step_census',
+    setup=dict(
+      net=title,
+      image=list(shape),
+      dtype=args.dtype,
+      batch=b,
+      sample_size=s,
+      cg_iters=k,
+      rounds=args.rounds,
+    ),
+    cost_model=step_cost.cost_model(b, s, k),
+    steps=steps,
+  )
+  os.makedirs(os.path.dirname(args.out) or '.', exist_ok=True)
+  with open(args.out, 'w') as f:
+    json.dump(result, f, indent=1)
+  text = table(result)
+  with open(os.path.splitext(args.out)[0] + '.md', 'w') as f:
+    f.write(text + '\n')
+  print(text)
+  return result
+
+
+def table(result: dict) -> str:
+  """The census as a markdown table, ratios to SGD beside the cost model."""
+  setup = result['setup']
+  lines = [
+    f'{setup["net"]} {setup["dtype"]}, B={setup["batch"]},'
+    f' s={setup["sample_size"]}, k={setup["cg_iters"]}'
+    f' ({result["machine"]["processor"]}, {result["machine"]["backend"]});'
+    f' cost model (FLOPs) {result["cost_model"]:.2f}× SGD.',
+    '',
+    '| step | kernels | GFLOP | GB (XLA estimate) | ms | × SGD:'
+    ' kernels / FLOPs / bytes / time |',
+    '|---|---|---|---|---|---|',
+  ]
+  for name, step in result['steps'].items():
+    ratios = ' / '.join(
+      f'{step["over_sgd"][key]:.2f}' if key in step['over_sgd'] else 'n/a'
+      for key in ('kernels', 'flops', 'bytes', 'seconds')
+    )
+    ms = f'{step["seconds"] * 1e3:.1f}' if 'seconds' in step else 'n/a'
+    lines.append(
+      f'| {name} | {step["kernels"]} | {step["flops"] / 1e9:.1f}'
+      f' | {step["bytes"] / 1e9:.2f} | {ms} | {ratios} |'
+    )
+  return '\n'.join(lines)
+
+
+if __name__ == '__main__':
+  main()
