@@ -9,7 +9,8 @@ compiled program:
 
 - kernels: the instructions of the entry computation that do work
   (fusions, convolutions, library calls, copies, reductions...), by opcode;
-  on a GPU each is about one kernel launch;
+  on a GPU each is about one kernel launch; and among them the layout
+  changes (copies and transposes, fused or not);
 - flops and bytes: XLA's cost analysis (it counts every operand of a fusion
   in full, so a slice fused into a consumer counts its whole operand);
 
@@ -48,29 +49,49 @@ _FREE = frozenset(
     'opt-barrier',
   }
 )
-_INSTRUCTION = re.compile(r'\s*(?:ROOT\s+)?%\S+\s*=\s*.*?\s([a-z][\w-]*)\(')
+_INSTRUCTION = re.compile(r'\s*(?:ROOT\s+)?%(\S+)\s*=\s*.*?\s([a-z][\w-]*)\(')
+
+
+def _entry_instructions(hlo_text: str) -> list[tuple[str, str]]:
+  """`(name, opcode)` of the entry computation's working instructions."""
+  entry = hlo_text[hlo_text.index('\nENTRY') :]
+  entry = entry[: entry.find('\n}') + 1 or None]
+  found = []
+  for line in entry.splitlines()[1:]:
+    match = _INSTRUCTION.match(line)
+    if match and match.group(2) not in _FREE:
+      found.append(match.groups())
+  return found
 
 
 def kernel_counts(hlo_text: str) -> dict[str, int]:
   """Working instructions of the entry computation, by opcode."""
-  entry = hlo_text[hlo_text.index('\nENTRY') :]
-  entry = entry[: entry.find('\n}') + 1 or None]
-  counts = collections.Counter()
-  for line in entry.splitlines()[1:]:
-    match = _INSTRUCTION.match(line)
-    if match and match.group(1) not in _FREE:
-      counts[match.group(1)] += 1
+  counts = collections.Counter(op for _, op in _entry_instructions(hlo_text))
   return dict(sorted(counts.items()))
+
+
+def layout_kernels(hlo_text: str) -> int:
+  """Those that change a layout: copies and transposes, fused or not.
+
+  XLA names a fusion after its root, so a fusion that ends in a transpose
+  or a copy has one of those words in its name.
+  """
+  return sum(
+    op in ('copy', 'transpose') or 'transpose' in name or 'copy' in name
+    for name, op in _entry_instructions(hlo_text)
+  )
 
 
 def census(compiled) -> dict:
   """Kernels, FLOPs and bytes of one compiled program."""
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, list) else cost
-  kernels = kernel_counts(compiled.as_text())
+  text = compiled.as_text()
+  kernels = kernel_counts(text)
   return dict(
     kernels=sum(kernels.values()),
     kernels_by_opcode=kernels,
+    layout_kernels=layout_kernels(text),
     flops=float(cost.get('flops', 0.0)),
     bytes=float(cost.get('bytes accessed', 0.0)),
   )
@@ -161,7 +182,7 @@ def table(result: dict) -> str:
     f' ({result["machine"]["processor"]}, {result["machine"]["backend"]});'
     f' cost model (FLOPs) {result["cost_model"]:.2f}× SGD.',
     '',
-    '| step | kernels | GFLOP | GB (XLA estimate) | ms | × SGD:'
+    '| step | kernels (layout) | GFLOP | GB (XLA estimate) | ms | × SGD:'
     ' kernels / FLOPs / bytes / time |',
     '|---|---|---|---|---|---|',
   ]
@@ -172,7 +193,8 @@ def table(result: dict) -> str:
     )
     ms = f'{step["seconds"] * 1e3:.1f}' if 'seconds' in step else 'n/a'
     lines.append(
-      f'| {name} | {step["kernels"]} | {step["flops"] / 1e9:.1f}'
+      f'| {name} | {step["kernels"]} ({step["layout_kernels"]})'
+      f' | {step["flops"] / 1e9:.1f}'
       f' | {step["bytes"] / 1e9:.2f} | {ms} | {ratios} |'
     )
   return '\n'.join(lines)

@@ -18,6 +18,8 @@ ENTRY %main.7 (x.1: f32[8]) -> (f32[8], f32[]) {
   %x.1 = f32[8]{0} parameter(0)
   %constant.2 = f32[] constant(0)
   %add_fusion = f32[8]{0} fusion(%x.1), kind=kLoop, calls=%fused_add
+  %transpose_copy_fusion = f32[8]{0} fusion(%x.1), kind=kLoop, calls=%f
+  %copy.9 = f32[8]{0} copy(%x.1)
   %conv.3 = (f32[8]{0}, u8[0]{0}) custom-call(%add_fusion), target="c"
   %gte = f32[8]{0} get-tuple-element(%conv.3), index=0
   %bitcast.4 = f32[2,4]{1,0} bitcast(%gte)
@@ -29,10 +31,12 @@ ENTRY %main.7 (x.1: f32[8]) -> (f32[8], f32[]) {
 
 def test_kernel_counts_read_only_the_working_entry_instructions():
   assert step_census.kernel_counts(HLO) == {
+    'copy': 1,
     'custom-call': 1,
-    'fusion': 1,
+    'fusion': 2,
     'reduce': 1,
   }
+  assert step_census.layout_kernels(HLO) == 2
 
 
 @pytest.fixture(scope='module')

@@ -6,7 +6,8 @@ on `nn.Dense`, `nn.Conv`, `nn.DenseGeneral` and `nn.Einsum` (so also the
 projections of `nn.MultiHeadDotProductAttention`) does two things for the
 sampled rows of the batch:
 it `sow`s their (gradient-stopped) inputs, and it adds a zero "perturbation"
-variable to their outputs. The gradient of the loss with respect to those
+variable to their outputs (an identity in the forward pass: only
+derivatives see it). The gradient of the loss with respect to those
 zeros is dLoss/d(outputs), computed by the same backward pass as the
 parameter gradients — no second pass, no loss registration, any loss works.
 

@@ -94,13 +94,10 @@ def main():
   # What one layer's solve needs to exchange when its kernel is split
   # along the input axis: either the sampled outputs X(V) (partial sums) or
   # the kernel-shaped CG direction V, whichever is smaller.
-  is_stats = lambda s: isinstance(s, fo.LayerStats)
+  # Stats and parameters are both keyed by layer name: pair them by it.
   report['fsdp_bound'] = max(
-    min(st.output_grads.size, layer['kernel'].size)
-    for st, layer in zip(
-      jax.tree.leaves(stats, is_leaf=is_stats),
-      [params[k] for k in sorted(params)],
-    )
+    min(stats[name].output_grads.size, params[name]['kernel'].size)
+    for name in params
   )
   meshes = {
     'tp': (Mesh(np.array(jax.devices()), ('model',)), None, 'model'),
