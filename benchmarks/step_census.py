@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from benchmarks import report
 from benchmarks import step_cost
 from harness import record
 from harness import timing
@@ -166,38 +167,11 @@ def main(argv=None) -> dict:
   os.makedirs(os.path.dirname(args.out) or '.', exist_ok=True)
   with open(args.out, 'w') as f:
     json.dump(result, f, indent=1)
-  text = table(result)
+  text = report.census_table(result)
   with open(os.path.splitext(args.out)[0] + '.md', 'w') as f:
     f.write(text + '\n')
   print(text)
   return result
-
-
-def table(result: dict) -> str:
-  """The census as a markdown table, ratios to SGD beside the cost model."""
-  setup = result['setup']
-  lines = [
-    f'{setup["net"]} {setup["dtype"]}, B={setup["batch"]},'
-    f' s={setup["sample_size"]}, k={setup["cg_iters"]}'
-    f' ({result["machine"]["processor"]}, {result["machine"]["backend"]});'
-    f' cost model (FLOPs) {result["cost_model"]:.2f}× SGD.',
-    '',
-    '| step | kernels (layout) | GFLOP | GB (XLA estimate) | ms | × SGD:'
-    ' kernels / FLOPs / bytes / time |',
-    '|---|---|---|---|---|---|',
-  ]
-  for name, step in result['steps'].items():
-    ratios = ' / '.join(
-      f'{step["over_sgd"][key]:.2f}' if key in step['over_sgd'] else 'n/a'
-      for key in ('kernels', 'flops', 'bytes', 'seconds')
-    )
-    ms = f'{step["seconds"] * 1e3:.1f}' if 'seconds' in step else 'n/a'
-    lines.append(
-      f'| {name} | {step["kernels"]} ({step["layout_kernels"]})'
-      f' | {step["flops"] / 1e9:.1f}'
-      f' | {step["bytes"] / 1e9:.2f} | {ms} | {ratios} |'
-    )
-  return '\n'.join(lines)
 
 
 if __name__ == '__main__':
