@@ -3,26 +3,27 @@
   python -m benchmarks.gpu_all                 # on a GPU
   python -m benchmarks.gpu_all --smoke --out-dir /tmp/gpu_all  # anywhere
 
-Runs `benchmarks.step_cost` on the CIFAR ResNet-18 (32×32×3 inputs) twice in
-one process, each a set of interleaved step timings side by side:
+Runs, in one process, on the CIFAR ResNet-18 (32×32×3 inputs), each a set
+of interleaved step timings side by side:
 
-- float32: FROG, SGD, AdamW and kfac-jax (when importable) at B ∈ {128,
-  512}, FROG at s ∈ {16, 64} × k ∈ {2, 4} (the B×s×k sweep against the cost
-  model 1 + 2ks/(3B)), and the breakdown of FROG's extra time (capture,
-  trace, the CG's forward and weight-gradient convolutions, the whole solve)
-  at B = 512, s = 64, k = 4;
-- bfloat16: FROG (B = 512, s = 64, k = 4), SGD and AdamW, and the same
-  breakdown;
 - the census of the float32 steps at B = 512, s = 64, k = 4
   (`benchmarks.step_census`): kernels, FLOPs and bytes of the compiled SGD,
   capture-only and FROG steps beside their times, so that the FROG/SGD time
-  ratio can be set against each.
+  ratio can be set against each;
+- float32 (`benchmarks.step_cost`): FROG, SGD, AdamW and kfac-jax (when
+  importable) at B ∈ {128, 512}, FROG at s ∈ {16, 64} × k ∈ {2, 4} (the
+  B×s×k sweep against the cost model 1 + 2ks/(3B)), and the breakdown of
+  FROG's extra time (capture, trace, the CG's forward and weight-gradient
+  convolutions, the whole solve) at B = 512, s = 64, k = 4;
+- bfloat16: FROG (B = 512, s = 64, k = 4), SGD and AdamW, and the same
+  breakdown.
 
 Each run writes its JSON and plot (device and versions recorded);
 `gpu_all.json` collects the headline ratios at B = 512, s = 64, k = 4 and
-`gpu_all.md` prints them. `--smoke` shrinks everything (the small conv net
-of the main job, B = 8, one round) so that the whole pipeline runs on a CPU
-in seconds; its numbers mean nothing.
+`gpu_all.md` prints them, both rewritten after every run, so that a run cut
+short by a time limit keeps what finished. `--smoke` shrinks everything
+(the small conv net of the main job, B = 8, one round) so that the whole
+pipeline runs on a CPU in seconds; its numbers mean nothing.
 """
 
 import argparse
@@ -152,11 +153,6 @@ def main(argv=None) -> dict:
   point = SMOKE_HEADLINE if args.smoke else HEADLINE
   summary = dict(record.environment(), headline_point=list(point), runs={})
   net = 'convnet' if args.smoke else 'resnet18'
-  for dtype, run_args in runs(args.smoke, args.rounds).items():
-    out = os.path.join(args.out_dir, f'step_cost_{net}_{dtype}.json')
-    result = step_cost.main([*run_args, '--out', out])
-    summary['runs'][dtype] = headline(result, point)
-    summary['net'] = result['setup']['net']
   census = step_census.main(
     [
       *census_args(args.smoke, args.rounds),
@@ -164,14 +160,24 @@ def main(argv=None) -> dict:
     ]
   )
   summary['census'] = census['steps']['frog']['over_sgd']
-  os.makedirs(args.out_dir, exist_ok=True)
-  with open(os.path.join(args.out_dir, 'gpu_all.json'), 'w') as f:
-    json.dump(summary, f, indent=1)
-  text = table(summary)
-  with open(os.path.join(args.out_dir, 'gpu_all.md'), 'w') as f:
-    f.write(text + '\n')
-  print(text)
+  summary['net'] = census['setup']['net']
+  write_summary(summary, args.out_dir)
+  for dtype, run_args in runs(args.smoke, args.rounds).items():
+    out = os.path.join(args.out_dir, f'step_cost_{net}_{dtype}.json')
+    result = step_cost.main([*run_args, '--out', out])
+    summary['runs'][dtype] = headline(result, point)
+    write_summary(summary, args.out_dir)
+  print(table(summary))
   return summary
+
+
+def write_summary(summary: dict, out_dir: str) -> None:
+  """`gpu_all.json` and `gpu_all.md` with what has run so far."""
+  os.makedirs(out_dir, exist_ok=True)
+  with open(os.path.join(out_dir, 'gpu_all.json'), 'w') as f:
+    json.dump(summary, f, indent=1)
+  with open(os.path.join(out_dir, 'gpu_all.md'), 'w') as f:
+    f.write(table(summary) + '\n')
 
 
 if __name__ == '__main__':

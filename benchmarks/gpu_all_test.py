@@ -53,3 +53,18 @@ def test_the_gpu_runs_time_resnet18_at_batch_512_in_both_dtypes():
   assert '512' in args['bfloat16'][args['bfloat16'].index('--batches') + 1]
   assert args['bfloat16'][args['bfloat16'].index('--dtype') + 1] == 'bfloat16'
   assert '--net' not in args['float32']  # the default: ResNet-18
+
+
+def test_a_run_cut_short_keeps_what_finished(tmp_path, monkeypatch):
+  class TimeLimit(Exception):
+    pass
+
+  def cut_short(argv):
+    raise TimeLimit
+
+  monkeypatch.setattr(gpu_all.step_cost, 'main', cut_short)
+  with pytest.raises(TimeLimit):
+    gpu_all.main(['--smoke', '--out-dir', str(tmp_path)])
+  summary = json.loads((tmp_path / 'gpu_all.json').read_text())
+  assert summary['runs'] == {} and summary['census']['kernels'] > 1
+  assert 'FROG/SGD of the compiled' in (tmp_path / 'gpu_all.md').read_text()
