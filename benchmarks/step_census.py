@@ -23,8 +23,6 @@ the measured time ratio follows says where FROG's extra time goes.
 
 import argparse
 import collections
-import json
-import os
 import re
 
 import jax
@@ -164,13 +162,7 @@ def main(argv=None) -> dict:
     cost_model=step_cost.cost_model(b, s, k),
     steps=steps,
   )
-  os.makedirs(os.path.dirname(args.out) or '.', exist_ok=True)
-  with open(args.out, 'w') as f:
-    json.dump(result, f, indent=1)
-  text = report.census_table(result)
-  with open(os.path.splitext(args.out)[0] + '.md', 'w') as f:
-    f.write(text + '\n')
-  print(text)
+  record.write(result, args.out, report.census_table(result))
   return result
 
 

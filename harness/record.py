@@ -1,5 +1,6 @@
 """What every result file records beside its numbers."""
 
+import json
 import os
 import platform
 import sys
@@ -30,3 +31,13 @@ def environment() -> dict[str, Any]:
       frog_optax=fo.__version__,
     ),
   )
+
+
+def write(result: dict[str, Any], out: str, text: str) -> None:
+  """`result` as JSON at `out`, `text` beside it as `.md`, and prints it."""
+  os.makedirs(os.path.dirname(out) or '.', exist_ok=True)
+  with open(out, 'w') as f:
+    json.dump(result, f, indent=1)
+  with open(os.path.splitext(out)[0] + '.md', 'w') as f:
+    f.write(text + '\n')
+  print(text)

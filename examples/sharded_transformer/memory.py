@@ -17,7 +17,6 @@ if 'XLA_FLAGS' not in os.environ:
   os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=8'
 
 import argparse  # noqa: E402
-import json  # noqa: E402
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -116,13 +115,7 @@ def main(argv=None):
   args = p.parse_args(argv)
   counts = [int(c) for c in args.devices.split(',')]
   result = dict(record.environment(), **measure(args.width, args.depth, counts))
-  os.makedirs(os.path.dirname(args.out) or '.', exist_ok=True)
-  with open(args.out, 'w') as f:
-    json.dump(result, f, indent=1)
-  text = table(result)
-  with open(os.path.splitext(args.out)[0] + '.md', 'w') as f:
-    f.write(text + '\n')
-  print(text)
+  record.write(result, args.out, table(result))
   return result
 
 
