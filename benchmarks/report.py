@@ -309,6 +309,14 @@ def census_table(result: dict) -> str:
       f' | {step["flops"] / 1e9:.1f}'
       f' | {step["bytes"] / 1e9:.2f} | {ms} | {ratios} |'
     )
+  parts = result['steps']['frog'].get('kernels_by_part')
+  if parts:
+    lines += [
+      '',
+      'FROG step kernels by part: '
+      + ', '.join(f'{name} {n}' for name, n in parts.items())
+      + '.',
+    ]
   return '\n'.join(lines)
 
 

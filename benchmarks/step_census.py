@@ -9,8 +9,10 @@ compiled program:
 
 - kernels: the instructions of the entry computation that do work
   (fusions, convolutions, library calls, copies, reductions...), by opcode;
-  on a GPU each is about one kernel launch; and among them the layout
-  changes (copies and transposes, fused or not);
+  on a GPU each is about one kernel launch; among them the layout changes
+  (copies and transposes, fused or not); and by FROG part, from the named
+  scopes frog_optax puts into every operation's name (capture, curvature,
+  CG, the rest of a layer's update);
 - flops and bytes: XLA's cost analysis (it counts every operand of a fusion
   in full, so a slice fused into a consumer counts its whole operand);
 
@@ -49,23 +51,28 @@ _FREE = frozenset(
   }
 )
 _INSTRUCTION = re.compile(r'\s*(?:ROOT\s+)?%(\S+)\s*=\s*.*?\s([a-z][\w-]*)\(')
+_OP_NAME = re.compile(r'op_name="([^"]*)"')
+# FROG's named scopes (frog_optax labels its operations with them), most
+# specific first; a kernel belongs to the first one in its op_name.
+PARTS = ('frog_capture', 'frog_curvature', 'frog_cg', 'frog_layer')
 
 
-def _entry_instructions(hlo_text: str) -> list[tuple[str, str]]:
-  """`(name, opcode)` of the entry computation's working instructions."""
+def _entry_instructions(hlo_text: str) -> list[tuple[str, str, str]]:
+  """`(name, opcode, op_name)` of the entry computation's working ones."""
   entry = hlo_text[hlo_text.index('\nENTRY') :]
   entry = entry[: entry.find('\n}') + 1 or None]
   found = []
   for line in entry.splitlines()[1:]:
     match = _INSTRUCTION.match(line)
     if match and match.group(2) not in _FREE:
-      found.append(match.groups())
+      op_name = _OP_NAME.search(line)
+      found.append((*match.groups(), op_name.group(1) if op_name else ''))
   return found
 
 
 def kernel_counts(hlo_text: str) -> dict[str, int]:
   """Working instructions of the entry computation, by opcode."""
-  counts = collections.Counter(op for _, op in _entry_instructions(hlo_text))
+  counts = collections.Counter(op for _, op, _ in _entry_instructions(hlo_text))
   return dict(sorted(counts.items()))
 
 
@@ -73,12 +80,25 @@ def layout_kernels(hlo_text: str) -> int:
   """Those that change a layout: copies and transposes, fused or not.
 
   XLA names a fusion after its root, so a fusion that ends in a transpose
-  or a copy has one of those words in its name.
+  or a copy has one of those words in its name (it may do arithmetic too).
   """
   return sum(
     op in ('copy', 'transpose') or 'transpose' in name or 'copy' in name
-    for name, op in _entry_instructions(hlo_text)
+    for name, op, _ in _entry_instructions(hlo_text)
   )
+
+
+def kernels_by_part(hlo_text: str) -> dict[str, int]:
+  """Working instructions by FROG part (`PARTS`), the rest as `other`.
+
+  A fusion carries the `op_name` of its root; one without any (XLA drops it
+  on some layout fusions) counts as `unlabelled`.
+  """
+  counts = dict.fromkeys((*PARTS, 'other', 'unlabelled'), 0)
+  for _, _, op_name in _entry_instructions(hlo_text):
+    part = next((p for p in PARTS if p in op_name), None)
+    counts[part or ('other' if op_name else 'unlabelled')] += 1
+  return counts
 
 
 def census(compiled) -> dict:
@@ -91,6 +111,7 @@ def census(compiled) -> dict:
     kernels=sum(kernels.values()),
     kernels_by_opcode=kernels,
     layout_kernels=layout_kernels(text),
+    kernels_by_part=kernels_by_part(text),
     flops=float(cost.get('flops', 0.0)),
     bytes=float(cost.get('bytes accessed', 0.0)),
   )

@@ -17,7 +17,7 @@ HloModule jit_step, entry_computation_layout={(f32[8]{0})->f32[8]{0}}
 ENTRY %main.7 (x.1: f32[8]) -> (f32[8], f32[]) {
   %x.1 = f32[8]{0} parameter(0)
   %constant.2 = f32[] constant(0)
-  %add_fusion = f32[8]{0} fusion(%x.1), kind=kLoop, calls=%fused_add
+  %add_fusion = f32[8]{0} fusion(%x.1), kind=kLoop, calls=%fused_add, CG
   %transpose_copy_fusion = f32[8]{0} fusion(%x.1), kind=kLoop, calls=%f
   %copy.9 = f32[8]{0} copy(%x.1)
   %conv.3 = (f32[8]{0}, u8[0]{0}) custom-call(%add_fusion), target="c"
@@ -26,7 +26,7 @@ ENTRY %main.7 (x.1: f32[8]) -> (f32[8], f32[]) {
   %reduce.5 = f32[] reduce(%gte, %constant.2), dimensions={0}, to_apply=%f
   ROOT %tuple.6 = (f32[8]{0}, f32[]) tuple(%gte, %reduce.5)
 }
-"""
+""".replace('CG', 'metadata={op_name="jit(step)/frog_layer/frog_cg/add"}')
 
 
 def test_kernel_counts_read_only_the_working_entry_instructions():
@@ -37,6 +37,9 @@ def test_kernel_counts_read_only_the_working_entry_instructions():
     'reduce': 1,
   }
   assert step_census.layout_kernels(HLO) == 2
+  parts = step_census.kernels_by_part(HLO)
+  assert parts['frog_cg'] == 1 and parts['frog_layer'] == 0
+  assert parts['unlabelled'] == 4 and sum(parts.values()) == 5
 
 
 @pytest.fixture(scope='module')
@@ -70,3 +73,15 @@ def test_frog_flops_follow_the_cost_model_and_its_kernels_do_not(result):
   # Each CG iteration adds small kernels per layer beyond its convolutions.
   assert frog['kernels'] > frog['flops']
   assert steps['frog']['kernels'] > steps['capture_only']['kernels']
+
+
+def test_frog_kernels_fall_into_its_named_parts(result):
+  result, _ = result
+  steps = result['steps']
+  frog_parts = step_census.PARTS
+  assert all(steps['sgd']['kernels_by_part'][p] == 0 for p in frog_parts)
+  capture = steps['capture_only']['kernels_by_part']
+  assert capture['frog_capture'] > 0 and capture['frog_cg'] == 0
+  frog = steps['frog']['kernels_by_part']
+  assert all(frog[p] > 0 for p in frog_parts)
+  assert sum(frog.values()) == steps['frog']['kernels']

@@ -135,12 +135,25 @@ def layer_pieces(layer_stats, grads, cg_iters):
 
 
 def capture_only_tx(params):
-  """FROG with every layer on its SGD fallback: it captures, solves nothing."""
-  return frog_tx(
+  """FROG's capture and SGD's update: every layer on the SGD fallback.
+
+  The update reads every captured statistic once (a sum, times 0), or XLA
+  would drop a capture nothing uses; for floats it does not fold `x * 0`.
+  """
+  frog = frog_tx(
     1,
     fallback=optax.sgd(0.01, 0.9),
     exclude=tuple(fo.preconditioned_modules(params)),
   )
+
+  def update_fn(updates, state, params=None, *, frog_stats, **extra):
+    seen = 0.0 * sum(jnp.sum(leaf) for leaf in jax.tree.leaves(frog_stats))
+    updates, state = frog.update(
+      updates, state, params, frog_stats=frog_stats, **extra
+    )
+    return jax.tree.map(lambda u: u + seen.astype(u.dtype), updates), state
+
+  return optax.GradientTransformationExtraArgs(frog.init, update_fn)
 
 
 def breakdown(model, variables, x, y, batch, sample_size, cg_iters, rounds):

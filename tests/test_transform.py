@@ -304,3 +304,27 @@ def test_no_rank_warning_under_inject_hyperparams():
     updates, _ = step(grads, tx.init(params), params, stats)
   for leaf in jax.tree.leaves(updates):
     assert np.all(np.isfinite(leaf))
+
+
+def test_compiled_step_names_frog_parts_for_profiles():
+  # Profiles and compiled programs show FROG's parts by these scope names.
+  model, variables, x, y = models.setup()
+  loss_fn = models.make_loss(model)
+  tx = fo.frog(0.1, exclude='head', cg_iters=2)
+
+  def step(params, batch_stats, opt_state):
+    _, grads, stats = fo.linen.value_and_grad(
+      loss_fn, sample_size=4, has_aux=True
+    )(params, batch_stats, x, y)
+    updates, _ = tx.update(grads, opt_state, params, frog_stats=stats)
+    return optax.apply_updates(params, updates)
+
+  params = variables['params']
+  text = (
+    jax.jit(step)
+    .lower(params, variables['batch_stats'], tx.init(params))
+    .compile()
+    .as_text()
+  )
+  for scope in ('frog_capture', 'frog_layer', 'frog_curvature', 'frog_cg'):
+    assert f'/{scope}/' in text, scope

@@ -9,6 +9,8 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from frog_optax._src import scopes
+
 Unsupported = Callable[[str], Exception]  # why -> the error to raise
 
 
@@ -98,6 +100,7 @@ def tap_rows(
   def tap_jvp(primals, tangents):
     a, _ = primals
     a_dot, zeros_dot = tangents
-    return a, add_to_rows(a_dot, rows, zeros_dot.astype(a_dot.dtype))
+    with jax.named_scope(scopes.CAPTURE):
+      return a, add_to_rows(a_dot, rows, zeros_dot.astype(a_dot.dtype))
 
   return tap(a, zeros)

@@ -24,6 +24,7 @@ from jax import lax
 from frog_optax._src import batch_rows
 from frog_optax._src import geometry as geometry_lib
 from frog_optax._src import layer_maps
+from frog_optax._src import scopes
 from frog_optax._src import stats as stats_lib
 
 Unsupported = Callable[[str], Exception]  # why -> the error to raise
@@ -103,10 +104,11 @@ class Recorder:
   ) -> layer_maps.Sampled:
     """Samples one call of a layer: `sample_call(rows)`, checked, recorded."""
     unsupported = lambda why: unsupported_error(layer_type, path, why)
-    rows = batch_rows.rows_of(
-      x, self.sample_size, self.rng, f'{layer_type} at {path!r}', unsupported
-    )
-    sampled = sample_call(rows)
+    with jax.named_scope(scopes.CAPTURE):
+      rows = batch_rows.rows_of(
+        x, self.sample_size, self.rng, f'{layer_type} at {path!r}', unsupported
+      )
+      sampled = sample_call(rows)
     kind = (sampled.geometry, sampled.layout)
     if self.kinds.setdefault(path, kind) != kind:
       raise unsupported('its calls have different geometries')
@@ -120,6 +122,10 @@ class Recorder:
     axis_name: Any,
   ) -> dict[str, stats_lib.LayerStats]:
     """`{path: LayerStats}` from every call's inputs and output gradients."""
+    with jax.named_scope(scopes.CAPTURE):
+      return self._layer_stats(inputs, output_grads, axis_name)
+
+  def _layer_stats(self, inputs, output_grads, axis_name):
     return {
       path: gather_samples(
         assemble(

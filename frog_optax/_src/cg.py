@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from frog_optax._src import scopes
+
 Tree = Any
 
 
@@ -51,6 +53,11 @@ def batched_cg(
   Returns:
     The k-th CG iterate, started from zero, with the structure of `rhs`.
   """
+  with jax.named_scope(scopes.CG):
+    return _batched_cg(matvec, rhs, num_iters, row_inner)
+
+
+def _batched_cg(matvec, rhs, num_iters, row_inner):
   z = jax.tree.map(jnp.zeros_like, rhs)
   r = rhs
   p = rhs

@@ -24,6 +24,7 @@ import optax
 from frog_optax._src import layouts as layouts_lib
 from frog_optax._src import paths
 from frog_optax._src import routing
+from frog_optax._src import scopes
 from frog_optax._src import stats as stats_lib
 from frog_optax._src import validation
 from frog_optax._src.geometry import RowParams
@@ -239,9 +240,10 @@ def scale_by_row_preconditioner(
       {k: v.astype(dtype) for k, v in leaves.items()}, layout
     )
     rule = lambda s, d, st: preconditioner.update(name, s, d, st, count)
-    u, layer_state = layouts_lib.per_layer(rule, layout)(
-      layouts_lib.layer_stats(layer_stats), direction, layer_state
-    )
+    with jax.named_scope(scopes.LAYER):
+      u, layer_state = layouts_lib.per_layer(rule, layout)(
+        layouts_lib.layer_stats(layer_stats), direction, layer_state
+      )
     u = layouts_lib.from_row_stacked(u, layout, leaves)
     return {k: u[k].astype(v.dtype) for k, v in leaves.items()}, layer_state
 

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from frog_optax._src import cg as cg_lib
+from frog_optax._src import scopes
 from frog_optax._src import stats as stats_lib
 from frog_optax._src.geometry import RowParams
 
@@ -220,13 +221,14 @@ def row_fisher_operator(
   Returns:
     A linear function on `{'kernel', 'bias'?}` dicts of the same shapes.
   """
-  weights, identity_rows = row_curvature(
-    layer_stats,
-    params_like,
-    dtype,
-    trace_normalization=trace_normalization,
-    row_blocks=row_blocks,
-  )
+  with jax.named_scope(scopes.CURVATURE):
+    weights, identity_rows = row_curvature(
+      layer_stats,
+      params_like,
+      dtype,
+      trace_normalization=trace_normalization,
+      row_blocks=row_blocks,
+    )
   return weighted_gram_operator(
     layer_stats, params_like, weights, damping + identity_rows, dtype
   )
@@ -242,9 +244,10 @@ def row_fisher_matrices(
 
   Rows without curvature hold the identity, as in the operator.
   """
-  weights, identity_rows = row_curvature(
-    layer_stats, params_like, dtype, **curvature_options
-  )
+  with jax.named_scope(scopes.CURVATURE):
+    weights, identity_rows = row_curvature(
+      layer_stats, params_like, dtype, **curvature_options
+    )
   kernel_shape = params_like['kernel'].shape
   patches = layer_stats.geometry.patches(
     layer_stats.inputs.astype(dtype),
