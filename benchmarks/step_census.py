@@ -4,11 +4,13 @@ The cost model 1 + 2ks/(3B) counts FLOPs. A step also moves bytes and
 launches kernels, and on a GPU these can dominate. For one net, batch B,
 sample size s and CG iterations k, this compiles three training steps, the
 SGD step, the capture alone (FROG with every layer on its SGD fallback: the
-statistics are captured, nothing is solved) and FROG, and reads from each
-compiled program:
+statistics are captured and read once so that XLA keeps them, nothing is
+solved) and FROG, and reads from each compiled program:
 
 - kernels: the instructions of the entry computation that do work
-  (fusions, convolutions, library calls, copies, reductions...), by opcode;
+  (fusions, convolutions, library calls, copies, reductions...; those of a
+  called computation, such as a GPU command buffer, counted one by one),
+  by opcode;
   on a GPU each is about one kernel launch; among them the layout changes
   (copies and transposes, fused or not); and by FROG part, from the named
   scopes frog_optax puts into every operation's name (capture, curvature,
@@ -20,7 +22,7 @@ and times the three side by side (interleaved rounds). Which ratio to SGD
 the measured time ratio follows says where FROG's extra time goes.
 
   python -m benchmarks.step_census --width 0.25 --batch 64 --samples 8 \\
-    --out benchmarks/results/cpu/step_census_resnet18.json
+    --out benchmarks/results/cpu/step_census_resnet18_w025.json
 """
 
 import argparse
@@ -57,17 +59,50 @@ _OP_NAME = re.compile(r'op_name="([^"]*)"')
 PARTS = ('frog_capture', 'frog_curvature', 'frog_cg', 'frog_layer')
 
 
+_COMPUTATION = re.compile(r'^(ENTRY\s+)?%(\S+)\s.*\{\s*$')
+_CALLEE = re.compile(r'to_apply=%([\w.\-]+)')
+
+
+def _computations(hlo_text: str) -> tuple[str, dict[str, list[str]]]:
+  """The entry computation's name and every computation's lines."""
+  entry, bodies, current = None, {}, None
+  for line in hlo_text.splitlines():
+    match = _COMPUTATION.match(line)
+    if match:
+      current = match.group(2)
+      bodies[current] = []
+      if match.group(1):
+        entry = current
+    elif line.startswith('}'):
+      current = None
+    elif current is not None:
+      bodies[current].append(line)
+  return entry, bodies
+
+
 def _entry_instructions(hlo_text: str) -> list[tuple[str, str, str]]:
-  """`(name, opcode, op_name)` of the entry computation's working ones."""
-  entry = hlo_text[hlo_text.index('\nENTRY') :]
-  entry = entry[: entry.find('\n}') + 1 or None]
-  found = []
-  for line in entry.splitlines()[1:]:
-    match = _INSTRUCTION.match(line)
-    if match and match.group(2) not in _FREE:
+  """`(name, opcode, op_name)` of the instructions that do work.
+
+  Those of the entry computation, where a `call` (XLA:GPU groups kernels
+  into command buffers that way) counts as the instructions it calls.
+  """
+  entry, bodies = _computations(hlo_text)
+
+  def working(computation):
+    found = []
+    for line in bodies[computation]:
+      match = _INSTRUCTION.match(line)
+      if not match or match.group(2) in _FREE:
+        continue
+      callee = _CALLEE.search(line)
+      if match.group(2) == 'call' and callee and callee.group(1) in bodies:
+        found += working(callee.group(1))
+        continue
       op_name = _OP_NAME.search(line)
       found.append((*match.groups(), op_name.group(1) if op_name else ''))
-  return found
+    return found
+
+  return working(entry)
 
 
 def kernel_counts(hlo_text: str) -> dict[str, int]:

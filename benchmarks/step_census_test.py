@@ -24,22 +24,29 @@ ENTRY %main.7 (x.1: f32[8]) -> (f32[8], f32[]) {
   %gte = f32[8]{0} get-tuple-element(%conv.3), index=0
   %bitcast.4 = f32[2,4]{1,0} bitcast(%gte)
   %reduce.5 = f32[] reduce(%gte, %constant.2), dimensions={0}, to_apply=%f
+  %cb = f32[8]{0} call(%x.1), to_apply=%command_buffer
   ROOT %tuple.6 = (f32[8]{0}, f32[]) tuple(%gte, %reduce.5)
+}
+
+%command_buffer (p.1: f32[8]) -> f32[8] {
+  %p.1 = f32[8]{0} parameter(0)
+  %f.1 = f32[8]{0} fusion(%p.1), kind=kLoop, calls=%fused_add
+  ROOT %f.2 = f32[8]{0} fusion(%f.1), kind=kLoop, calls=%fused_add
 }
 """.replace('CG', 'metadata={op_name="jit(step)/frog_layer/frog_cg/add"}')
 
 
-def test_kernel_counts_read_only_the_working_entry_instructions():
+def test_kernel_counts_read_the_working_instructions_and_what_calls_run():
   assert step_census.kernel_counts(HLO) == {
     'copy': 1,
     'custom-call': 1,
-    'fusion': 2,
+    'fusion': 4,
     'reduce': 1,
   }
   assert step_census.layout_kernels(HLO) == 2
   parts = step_census.kernels_by_part(HLO)
   assert parts['frog_cg'] == 1 and parts['frog_layer'] == 0
-  assert parts['unlabelled'] == 4 and sum(parts.values()) == 5
+  assert parts['unlabelled'] == 6 and sum(parts.values()) == 7
 
 
 @pytest.fixture(scope='module')
