@@ -1,6 +1,7 @@
 """The harness end to end on the smoke suite, and its pieces."""
 
 import dataclasses
+import glob
 import json
 import os
 
@@ -217,3 +218,19 @@ def test_family_pilot_records_every_rate(monkeypatch, tmp_path):
   val = tasks.validation_split(task.load(None))
   again = protocol.train_run(task, optimizers.get('kfrog'), val, 0.1, seed=0)
   assert trials[1]['final_accuracy'] == again['final_accuracy']
+
+
+def test_committed_results_record_no_absolute_paths():
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  files = glob.glob(os.path.join(root, 'benchmarks', 'results', '**', '*.json'))
+  files += glob.glob(os.path.join(root, 'examples', '*', 'results', '*.json'))
+  commands = []
+  for path in files:
+    with open(path) as f:
+      result = json.load(f)
+    if isinstance(result, dict) and 'command' in result:
+      commands.append(result['command'])
+  assert commands
+  for command in commands:
+    absolute = [a for a in command.split() if a.startswith('/') or '=/' in a]
+    assert not absolute, command

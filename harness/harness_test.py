@@ -105,3 +105,26 @@ def test_epoch_batches_cover_each_example_at_most_once():
   batches = list(loop.epoch_batches(np.random.default_rng(0), 10, 3))
   flat = np.concatenate(batches)
   assert len(batches) == 3 and len(set(flat.tolist())) == 9
+
+
+def test_recorded_commands_hold_no_machine_specific_paths(
+  monkeypatch, tmp_path
+):
+  from harness import record  # noqa: PLC0415
+
+  monkeypatch.chdir(tmp_path)
+  inside = tmp_path / 'results' / 'out.json'
+  monkeypatch.setattr(
+    'sys.argv',
+    [
+      str(tmp_path / 'bench.py'),
+      '--out',
+      str(inside),
+      f'--data={tmp_path.parent / "elsewhere" / "mnist.npz"}',
+      '--rounds',
+      '3',
+    ],
+  )
+  assert record.environment()['command'] == (
+    'bench.py --out results/out.json --data=path/to/mnist.npz --rounds 3'
+  )

@@ -13,11 +13,27 @@ import optax
 import frog_optax as fo
 
 
+def _portable(arg: str) -> str:
+  """`arg` with an absolute path made relative to the working directory.
+
+  A path outside it keeps only its name, as `path/to/<name>`: result files
+  never hold machine-specific paths. `--flag=/a/path` is handled too.
+  """
+  flag, sep, value = arg.rpartition('=') if '=' in arg else ('', '', arg)
+  if not os.path.isabs(value):
+    return arg
+  relative = os.path.relpath(value)
+  if relative.startswith(os.pardir):
+    relative = f'path/to/{os.path.basename(value)}'
+  return flag + sep + relative
+
+
 def environment() -> dict[str, Any]:
   """The command (relative to the working directory), machine and versions."""
   return dict(
-    # Relative to the working directory: no machine-specific paths.
-    command=' '.join([os.path.relpath(sys.argv[0])] + sys.argv[1:]),
+    command=' '.join(
+      _portable(a) for a in [os.path.abspath(sys.argv[0])] + sys.argv[1:]
+    ),
     machine=dict(
       platform=platform.platform(),
       processor=f'{jax.devices()[0].device_kind} ({os.cpu_count()} cores)',
