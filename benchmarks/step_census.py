@@ -80,7 +80,11 @@ def _computations(hlo_text: str) -> tuple[str, dict[str, list[str]]]:
   return entry, bodies
 
 
-def _entry_instructions(hlo_text: str) -> list[tuple[str, str, str]]:
+# `(name, opcode, op_name)` of each instruction that does work.
+Instructions = list[tuple[str, str, str]]
+
+
+def instructions(hlo_text: str) -> Instructions:
   """`(name, opcode, op_name)` of the instructions that do work.
 
   Those of the entry computation, where a `call` (XLA:GPU groups kernels
@@ -105,13 +109,13 @@ def _entry_instructions(hlo_text: str) -> list[tuple[str, str, str]]:
   return working(entry)
 
 
-def kernel_counts(hlo_text: str) -> dict[str, int]:
-  """Working instructions of the entry computation, by opcode."""
-  counts = collections.Counter(op for _, op, _ in _entry_instructions(hlo_text))
+def kernel_counts(found: Instructions) -> dict[str, int]:
+  """Working instructions (from :func:`instructions`), by opcode."""
+  counts = collections.Counter(op for _, op, _ in found)
   return dict(sorted(counts.items()))
 
 
-def layout_kernels(hlo_text: str) -> int:
+def layout_kernels(found: Instructions) -> int:
   """Those that change a layout: copies and transposes, fused or not.
 
   XLA names a fusion after its root, so a fusion that ends in a transpose
@@ -119,18 +123,18 @@ def layout_kernels(hlo_text: str) -> int:
   """
   return sum(
     op in ('copy', 'transpose') or 'transpose' in name or 'copy' in name
-    for name, op, _ in _entry_instructions(hlo_text)
+    for name, op, _ in found
   )
 
 
-def kernels_by_part(hlo_text: str) -> dict[str, int]:
+def kernels_by_part(found: Instructions) -> dict[str, int]:
   """Working instructions by FROG part (`PARTS`), the rest as `other`.
 
   A fusion carries the `op_name` of its root; one without any (XLA drops it
   on some layout fusions) counts as `unlabelled`.
   """
   counts = dict.fromkeys((*PARTS, 'other', 'unlabelled'), 0)
-  for _, _, op_name in _entry_instructions(hlo_text):
+  for _, _, op_name in found:
     part = next((p for p in PARTS if p in op_name), None)
     counts[part or ('other' if op_name else 'unlabelled')] += 1
   return counts
@@ -140,13 +144,13 @@ def census(compiled) -> dict:
   """Kernels, FLOPs and bytes of one compiled program."""
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, list) else cost
-  text = compiled.as_text()
-  kernels = kernel_counts(text)
+  found = instructions(compiled.as_text())
+  kernels = kernel_counts(found)
   return dict(
     kernels=sum(kernels.values()),
     kernels_by_opcode=kernels,
-    layout_kernels=layout_kernels(text),
-    kernels_by_part=kernels_by_part(text),
+    layout_kernels=layout_kernels(found),
+    kernels_by_part=kernels_by_part(found),
     flops=float(cost.get('flops', 0.0)),
     bytes=float(cost.get('bytes accessed', 0.0)),
   )

@@ -36,15 +36,18 @@ ENTRY %main.7 (x.1: f32[8]) -> (f32[8], f32[]) {
 """.replace('CG', 'metadata={op_name="jit(step)/frog_layer/frog_cg/add"}')
 
 
+FOUND = step_census.instructions(HLO)
+
+
 def test_kernel_counts_read_the_working_instructions_and_what_calls_run():
-  assert step_census.kernel_counts(HLO) == {
+  assert step_census.kernel_counts(FOUND) == {
     'copy': 1,
     'custom-call': 1,
     'fusion': 4,
     'reduce': 1,
   }
-  assert step_census.layout_kernels(HLO) == 2
-  parts = step_census.kernels_by_part(HLO)
+  assert step_census.layout_kernels(FOUND) == 2
+  parts = step_census.kernels_by_part(FOUND)
   assert parts['frog_cg'] == 1 and parts['frog_layer'] == 0
   assert parts['unlabelled'] == 6 and sum(parts.values()) == 7
 
