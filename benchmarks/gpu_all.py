@@ -32,18 +32,11 @@ import os
 
 from benchmarks import step_census
 from benchmarks import step_cost
+from harness import kfac_compat
 from harness import record
 
 HEADLINE = (512, 64, 4)
 SMOKE_HEADLINE = (8, 2, 1)
-
-
-def _kfac_available() -> bool:
-  try:
-    import kfac_jax  # noqa: F401, PLC0415
-  except ImportError:
-    return False
-  return True
 
 
 def runs(smoke: bool, rounds: int) -> dict[str, list[str]]:
@@ -65,7 +58,7 @@ def runs(smoke: bool, rounds: int) -> dict[str, list[str]]:
     }
   b, s, k = HEADLINE
   common = ['--rounds', str(rounds), '--breakdown', f'{b},{s},{k}']
-  kfac = ['--kfac'] if _kfac_available() else ['--no-kfac']
+  kfac = ['--no-kfac'] if kfac_compat.import_error() else ['--kfac']
   return {
     'float32': [
       *common,

@@ -1,11 +1,14 @@
 """The one-command GPU benchmark, end to end in its CPU smoke mode."""
 
+import importlib.abc
 import json
 import math
+import sys
 
 import pytest
 
 from benchmarks import gpu_all
+from harness import kfac_compat
 
 
 @pytest.fixture(scope='module')
@@ -68,3 +71,19 @@ def test_a_run_cut_short_keeps_what_finished(tmp_path, monkeypatch):
   summary = json.loads((tmp_path / 'gpu_all.json').read_text())
   assert summary['runs'] == {} and summary['census']['kernels'] > 1
   assert 'FROG/SGD of the compiled' in (tmp_path / 'gpu_all.md').read_text()
+
+
+def test_a_kfac_jax_that_fails_on_this_jax_is_left_out(monkeypatch):
+  # kfac-jax releases import jax APIs that newer jax removed: the import
+  # then raises AttributeError, not ImportError.
+  class Removed(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+      if name == 'kfac_jax':
+        raise AttributeError('jax.core.Effects was removed')
+      return None
+
+  monkeypatch.delitem(sys.modules, 'kfac_jax', raising=False)
+  monkeypatch.setattr(sys, 'meta_path', [Removed(), *sys.meta_path])
+  assert kfac_compat.import_error().startswith('AttributeError')
+  args = gpu_all.runs(smoke=False, rounds=10)['float32']
+  assert '--no-kfac' in args and '--kfac' not in args

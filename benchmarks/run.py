@@ -19,6 +19,7 @@ from benchmarks import optimizers as optimizers_lib
 from benchmarks import protocol
 from benchmarks import report
 from benchmarks import tasks as tasks_lib
+from harness import kfac_compat
 from harness import record
 
 
@@ -113,10 +114,11 @@ def main(argv=None) -> list[str]:
 
 def _kfac_version() -> str:
   """kfac-jax's version, or why it does not import (e.g. a newer jax)."""
-  try:
-    import kfac_jax  # noqa: PLC0415
-  except (ImportError, AttributeError) as e:
-    return f'not importable: {type(e).__name__}: {e}'
+  error = kfac_compat.import_error()
+  if error:
+    return f'not importable: {error}'
+  import kfac_jax  # noqa: PLC0415
+
   return kfac_jax.__version__
 
 

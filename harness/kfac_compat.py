@@ -43,3 +43,16 @@ def patch() -> None:
     kronecker_factored.psm.patches_moments = (
       patches_second_moment.patches_moments_explicit
     )
+
+
+def import_error() -> str | None:
+  """Why kfac-jax does not import here, or None when it does.
+
+  Its releases import removed jax APIs, so on a newer jax the import fails
+  with an AttributeError rather than an ImportError.
+  """
+  try:
+    import kfac_jax  # noqa: F401, PLC0415
+  except (ImportError, AttributeError) as e:
+    return f'{type(e).__name__}: {e}'
+  return None
