@@ -123,22 +123,19 @@ class Recorder:
   ) -> dict[str, stats_lib.LayerStats]:
     """`{path: LayerStats}` from every call's inputs and output gradients."""
     with jax.named_scope(scopes.CAPTURE):
-      return self._layer_stats(inputs, output_grads, axis_name)
-
-  def _layer_stats(self, inputs, output_grads, axis_name):
-    return {
-      path: gather_samples(
-        assemble(
-          path,
-          xs,
-          output_grads[path],
-          list(self.batch_sizes[path].values()),
-          *self.kinds[path],
-        ),
-        axis_name,
-      )
-      for path, xs in inputs.items()
-    }
+      return {
+        path: gather_samples(
+          assemble(
+            path,
+            xs,
+            output_grads[path],
+            list(self.batch_sizes[path].values()),
+            *self.kinds[path],
+          ),
+          axis_name,
+        )
+        for path, xs in inputs.items()
+      }
 
 
 # ----------------------------------------------------------------------------
