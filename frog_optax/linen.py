@@ -34,6 +34,7 @@ from frog_optax._src import capture as capture_lib
 from frog_optax._src import describe as describe_lib
 from frog_optax._src import layouts as layouts_lib
 from frog_optax._src import linen_capture
+from frog_optax._src import routing
 from frog_optax._src import stats as stats_lib
 from frog_optax._src import validation
 from frog_optax._src.linen_capture import INPUTS
@@ -49,6 +50,7 @@ def value_and_grad(
   has_aux: bool = False,
   rng: jax.Array | None = None,
   axis_name: Any = None,
+  exclude: Any = (),
 ) -> Callable[..., tuple[Any, Any, Any]]:
   """Like `jax.value_and_grad`, plus the FROG stats of captured layers.
 
@@ -59,8 +61,15 @@ def value_and_grad(
   `nn.DenseGeneral`, `nn.Einsum` and `nn.Conv` (1-D/2-D/3-D, any padding,
   dilation and feature groups), so also the projections of
   `nn.MultiHeadDotProductAttention`, and any of them stacked by `nn.scan`
-  (give `INPUTS` and `PERTURBATIONS` the parameters' layer axis). Other
-  layers with a kernel get a `frog_optax.UncapturedLayer` entry.
+  (give `INPUTS` and `PERTURBATIONS` the parameters' layer axis).
+
+  A layer with a kernel that is not captured is never an error here: other
+  layer types, configurations the capture does not model (a custom
+  `dot_general`, a masked kernel, an Einsum without a batch axis, ...) and
+  the layers in `exclude` run unchanged and get a
+  :class:`frog_optax.UncapturedLayer` entry with the reason. An optimizer
+  sends them to its fallback when its own `exclude` names them, and raises
+  an error naming them when it does not.
 
   Args:
     fun: the loss function.
@@ -81,6 +90,9 @@ def value_and_grad(
       replica samples `sample_size` of its own examples. Without it, inside
       a named axis, a warning says so. Not needed under `jax.jit` with
       sharded arrays (the stats are global there).
+    exclude: module paths (or path prefixes) not to capture, so that no
+      work is spent on them: those the optimizer excludes, or the optimizer
+      itself (e.g. `exclude=tx` for `tx = fo.frog(..., exclude=...)`).
 
   Returns:
     A function returning `(value, grads, stats)`; `value` is `loss` or
@@ -103,10 +115,12 @@ def value_and_grad(
     validation.check_positive_int('sample_size', sample_size)
   if not isinstance(argnums, int):
     raise ValueError(f'argnums must be a single int; got {argnums!r}.')
+  exclude = routing.exclude_of(exclude)
 
   def wrapped(*args, **kwargs):
     capture_lib.check_axis_name(axis_name)
     params = args[argnums]
+    routing.preconditioned_modules(params, exclude)  # names unknown entries
 
     def run(session, perturbations, params):
       call_args = list(args)
@@ -117,17 +131,20 @@ def value_and_grad(
       loss, aux = out if has_aux else (out, None)
       return loss, (aux, session.collected_inputs)
 
-    discovery = linen_capture.Session(True, sample_size, rng)
+    discovery = linen_capture.Session(True, sample_size, rng, exclude)
     shapes = jax.eval_shape(
       lambda p: (run(discovery, [], p), discovery.collected_perturbations),
       params,
     )[1]
-    linen_capture.check_all_perturbed(discovery, shapes)
+    linen_capture.refuse_unperturbed(discovery, shapes)
     zeros = [
       jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), tree)
       for tree in shapes
     ]
-    session = linen_capture.Session(False, sample_size, rng)
+    # The layers refused in discovery are left alone in the real pass too.
+    session = linen_capture.Session(
+      False, sample_size, rng, exclude, uncaptured=dict(discovery.uncaptured)
+    )
     (loss, (aux, _)), (grads, output_grads) = jax.value_and_grad(
       lambda p, z: run(session, z, p), argnums=(0, 1), has_aux=True
     )(params, zeros)

@@ -42,6 +42,7 @@ from frog_optax._src import capture as capture_lib
 from frog_optax._src import describe as describe_lib
 from frog_optax._src import layouts as layouts_lib
 from frog_optax._src import nnx_capture
+from frog_optax._src import routing
 from frog_optax._src import stats as stats_lib
 from frog_optax._src import validation
 from frog_optax._src.nnx_capture import FrogInputs
@@ -55,6 +56,7 @@ def value_and_grad(
   has_aux: bool = False,
   rng: jax.Array | None = None,
   axis_name: Any = None,
+  exclude: Any = (),
 ) -> Callable[..., tuple[Any, Any, Any]]:
   """Like `nnx.value_and_grad(fun)`, plus the FROG stats of captured layers.
 
@@ -65,6 +67,10 @@ def value_and_grad(
   `nnx.Linear`, `nnx.Conv`, `nnx.LinearGeneral` and `nnx.Einsum`, their
   inputs and output gradients. Graph nodes among the arguments (an
   `nnx.Rngs` for dropout) are updated as `nnx.value_and_grad` updates them.
+  A layer that is not captured (another type, a configuration the capture
+  does not model, or one in `exclude`) runs unchanged and gets a
+  :class:`frog_optax.UncapturedLayer` entry with the reason, as in
+  :func:`frog_optax.linen.value_and_grad`.
 
   Args:
     fun: the loss function; its first argument is the model.
@@ -77,6 +83,8 @@ def value_and_grad(
       the samples of all replicas are gathered along it, so that every
       replica computes the same update (see
       :func:`frog_optax.linen.value_and_grad`).
+    exclude: module paths (or path prefixes) not to capture, or the
+      optimizer (or `nnx.Optimizer`) whose `exclude` to use.
 
   Returns:
     A function of `(model, *args, **kwargs)` returning `(value, grads,
@@ -98,9 +106,12 @@ def value_and_grad(
   """
   if sample_size is not None:
     validation.check_positive_int('sample_size', sample_size)
+  exclude = routing.exclude_of(exclude)
 
   def wrapped(model, *args, **kwargs):
     capture_lib.check_axis_name(axis_name)
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    routing.preconditioned_modules(params, exclude)  # names unknown entries
 
     def run(session, model, *args, **kwargs):
       with nnx_capture.sessions.scope(session), nnx_capture.capturing_layers():
@@ -110,7 +121,7 @@ def value_and_grad(
     with nnx_capture.tagged(model):
       # Shapes only, on copies: neither the model nor graph nodes among the
       # arguments (an `nnx.Rngs` for dropout) are touched.
-      discovery = capture_lib.Recorder(True, sample_size, rng)
+      discovery = capture_lib.Recorder(True, sample_size, rng, exclude)
 
       def discover(m, *a, **kw):
         run(discovery, m, *a, **kw)
@@ -122,7 +133,9 @@ def value_and_grad(
       )
       # The arguments go through nnx.value_and_grad (not a closure), so that
       # their graph nodes are updated as nnx.value_and_grad updates them.
-      session = capture_lib.Recorder(False, sample_size, rng)
+      session = capture_lib.Recorder(
+        False, sample_size, rng, exclude, uncaptured=dict(discovery.uncaptured)
+      )
       wrt = nnx.DiffState(0, nnx.Any(nnx.Param, FrogPerturbation))
       (loss, aux), all_grads = nnx.value_and_grad(
         lambda m, *a, **kw: run(session, m, *a, **kw),
@@ -139,10 +152,8 @@ def value_and_grad(
       perturbation_grads, nnx_capture.PERTURBATION_PREFIX
     )
     captured = session.layer_stats(inputs, output_grads, axis_name)
-    params = nnx.to_pure_dict(grads)
-    stats = stats_lib.stats_tree(
-      params, captured, nnx_capture.uncaptured_modules(model)
-    )
+    uncaptured = nnx_capture.uncaptured_modules(model) | session.uncaptured
+    stats = stats_lib.stats_tree(nnx.to_pure_dict(grads), captured, uncaptured)
     value = (loss, aux) if has_aux else loss
     return value, grads, stats
 

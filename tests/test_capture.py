@@ -7,6 +7,7 @@ float64 reference rule.
 
 import dataclasses
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -268,8 +269,17 @@ def test_scan_stacked_layers_are_preconditioned_one_by_one():
 
 def test_scan_without_capture_axes_names_the_fix():
   params, loss_fn = _stack_problem(capture_axes=False)
-  with pytest.raises(NotImplementedError, match='variable_axes'):
-    fo.linen.value_and_grad(loss_fn, sample_size=2)(params)
+  _, grads, stats = fo.linen.value_and_grad(loss_fn, sample_size=2)(params)
+  assert stats['layers']['heads'].layer_type == 'DenseGeneral'
+  assert 'variable_axes' in stats['layers']['heads'].reason
+  tx = fo.scale_by_frog()
+  with pytest.raises(ValueError, match="'layers/heads'.*variable_axes"):
+    tx.update(grads, tx.init(params), frog_stats=stats)
+  tx = fo.frog(0.1, exclude='layers')  # the advice works
+  updates, _ = tx.update(grads, tx.init(params), params, frog_stats=stats)
+  chex.assert_trees_all_close(
+    updates, jax.tree.map(lambda g: -0.025 * g, grads)
+  )
 
 
 STATEFUL = {
@@ -356,7 +366,7 @@ def test_stateful_members_precondition_scan_stacks_layer_by_layer(member):
   'layer, shape, why',
   [
     (nn.Einsum((2, 4, 3), 'bhd,hdk->bhk'), (BATCH, 2, 4), 'batched kernel'),
-    (nn.Einsum((4, 3), 'bd,dk->kb'), (BATCH, 4), 'no batch axis'),
+    (nn.Einsum((BATCH, 4, 3), 'bd,bdk->k'), (BATCH, 4), 'no batch axis'),
     (nn.Einsum((4, 3), 'btd,dk->bk'), (BATCH, 5, 4), 'one operand only'),
     (nn.DenseGeneral(3, axis=0), (BATCH, 4), 'no batch axis'),
     (nn.DenseGeneral(3, batch_dims=(0,)), (BATCH, 4), 'batch_dims'),
@@ -367,7 +377,10 @@ def test_unsupported_contractions_are_refused_by_name(layer, shape, why):
   x = jnp.ones(shape)
   params = model.init(jax.random.key(0), x)['params']
   apply_fn = fo.linen.capture(model.apply)
-  with pytest.raises(NotImplementedError, match=f"'layer'.*{why}"):
-    fo.linen.value_and_grad(
-      lambda p: apply_fn({'params': p}, x).sum(), sample_size=2
-    )(params)
+  _, grads, stats = fo.linen.value_and_grad(
+    lambda p: apply_fn({'params': p}, x).sum(), sample_size=2
+  )(params)
+  assert why in stats['layer'].reason
+  tx = fo.frog(0.1)
+  with pytest.raises(ValueError, match=f"'layer'.*{why}"):
+    tx.update(grads, tx.init(params), params, frog_stats=stats)

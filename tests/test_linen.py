@@ -209,22 +209,40 @@ def test_user_mutable_forms_are_returned_as_flax_does():
   assert seen['state'] == {}
 
 
-def test_unsupported_layers_name_the_module():
+MASKED = 'masked kernels are not supported'
+
+
+def test_a_layer_the_capture_refuses_goes_to_the_fallback_when_excluded():
   mask = jnp.ones((3, 3, 2, 3))
 
   class Masked(nn.Module):
     @nn.compact
     def __call__(self, x):
-      return nn.Conv(3, (3, 3), mask=mask, name='masked')(x).sum()
+      x = nn.Conv(3, (3, 3), mask=mask, name='masked')(x)
+      return nn.Conv(2, (3, 3), name='plain')(x).sum()
 
   model = Masked()
   x = jnp.ones((2, 5, 5, 2))
   params = model.init(jax.random.key(0), x)['params']
   apply_fn = fo.linen.capture(model.apply)
-  with pytest.raises(NotImplementedError, match="'masked'.*exclude"):
-    fo.linen.value_and_grad(
-      lambda p: apply_fn({'params': p}, x), sample_size=2
-    )(params)
+  loss_fn = lambda p: apply_fn({'params': p}, x)
+  loss, grads, stats = fo.linen.value_and_grad(loss_fn, sample_size=2)(params)
+  want_loss, want_grads = jax.value_and_grad(loss_fn)(params)
+  assert loss == want_loss
+  chex.assert_trees_all_equal(grads, want_grads)
+  assert stats['masked'] == fo.UncapturedLayer('Conv', MASKED)
+  assert isinstance(stats['plain'], fo.LayerStats)
+  tx = fo.frog(0.1)
+  with pytest.raises(ValueError, match=rf"'masked' \(Conv: {MASKED}\)") as e:
+    tx.update(grads, tx.init(params), params, frog_stats=stats)
+  assert "exclude=('masked',)" in str(e.value)
+  assert 'It captures' not in str(e.value)  # the type is captured
+  tx = fo.frog(0.1, exclude='masked')  # the advice works
+  updates, _ = tx.update(grads, tx.init(params), params, frog_stats=stats)
+  # The fallback's first step: momentum SGD at 0.25 x the learning rate.
+  chex.assert_trees_all_close(
+    updates['masked'], jax.tree.map(lambda g: -0.025 * g, grads['masked'])
+  )
 
   # A layer the capture does not know is not silently skipped.
   class Transposed(nn.Module):
@@ -239,22 +257,23 @@ def test_unsupported_layers_name_the_module():
     lambda p: apply_fn({'params': p}, x), sample_size=2
   )(params)
   tx = fo.frog(0.1)
-  with pytest.raises(ValueError, match=r"'ConvTranspose_0' \(ConvTranspose\)"):
+  with pytest.raises(ValueError, match=r"'ConvTranspose_0' \(ConvTranspose:"):
     tx.update(grads, tx.init(params), params, frog_stats=stats)
   tx = fo.frog(0.1, exclude='ConvTranspose_0')
   updates, _ = tx.update(grads, tx.init(params), params, frog_stats=stats)
   assert np.all(np.isfinite(updates['ConvTranspose_0']['kernel']))
 
 
-def test_unbatched_inputs_are_refused():
+def test_unbatched_inputs_are_not_captured():
   model = OneLayer(nn.Dense(2))
   x = jnp.ones((3,))
   params = model.init(jax.random.key(0), x)['params']
   apply_fn = fo.linen.capture(model.apply)
-  with pytest.raises(NotImplementedError, match='no batch axis'):
-    fo.linen.value_and_grad(
-      lambda p: apply_fn({'params': p}, x).sum(), sample_size=2
-    )(params)
+  _, _, stats = fo.linen.value_and_grad(
+    lambda p: apply_fn({'params': p}, x).sum(), sample_size=2
+  )(params)
+  assert stats['layer'].layer_type == 'Dense'
+  assert 'no batch axis' in stats['layer'].reason
 
 
 @pytest.mark.parametrize('sample_size', [0, -3, 2.5])

@@ -193,20 +193,29 @@ def test_patch_restores_the_saved_call_after_foreign_wrappers():
     nnx.Linear.__call__ = original
 
 
-def test_unsupported_layers_name_the_module():
+def test_a_layer_the_capture_refuses_is_recorded_with_its_reason():
   class Masked(nnx.Module):
     def __init__(self, rngs):
       mask = jnp.ones((3, 3, 2, 3))
       self.masked = nnx.Conv(2, 3, (3, 3), mask=mask, rngs=rngs)
+      self.plain = nnx.Conv(3, 2, (3, 3), rngs=rngs)
 
     def __call__(self, x):
-      return self.masked(x).sum()
+      return self.plain(self.masked(x)).sum()
 
   model = Masked(nnx.Rngs(0))
-  with pytest.raises(NotImplementedError, match="'masked'.*exclude"):
-    fo.nnx.value_and_grad(lambda m: m(jnp.ones((2, 5, 5, 2))), sample_size=2)(
-      model
-    )
+  x = jnp.ones((2, 5, 5, 2))
+  loss, grads, stats = fo.nnx.value_and_grad(lambda m: m(x), sample_size=2)(
+    model
+  )
+  want_loss, want_grads = nnx.value_and_grad(lambda m: m(x))(model)
+  assert loss == want_loss
+  chex.assert_trees_all_equal(grads, want_grads)
+  assert stats['masked'] == fo.UncapturedLayer(
+    'Conv', 'masked kernels are not supported'
+  )
+  assert isinstance(stats['plain'], fo.LayerStats)
+  assert not any('frog' in name for name in vars(model.masked))  # no traces
 
 
 def test_describe_accepts_the_model():

@@ -4,14 +4,11 @@ Strided rows `x[::B // s]` are the default: taken by a reshape, they stay on
 their device when the batch axis is sharded. A key gives random rows.
 """
 
-from collections.abc import Callable
-
 import jax
 import jax.numpy as jnp
 
 from frog_optax._src import scopes
-
-Unsupported = Callable[[str], Exception]  # why -> the error to raise
+from frog_optax._src.stats import CaptureRefused
 
 
 def rows_of(
@@ -19,11 +16,10 @@ def rows_of(
   sample_size: int | None,
   rng: jax.Array | None,
   where: str,
-  unsupported: Unsupported,
 ) -> jax.Array | slice:
   """The sampled rows of a layer's inputs `x`; `where` names the layer."""
   if x.ndim < 1:
-    raise unsupported('its inputs are a scalar')
+    raise CaptureRefused('its inputs are a scalar')
   if x.shape[0] == 0:
     raise ValueError(
       f'{where} was called on an empty batch (inputs of shape {x.shape}):'

@@ -1,4 +1,4 @@
-"""The capture core both front ends share: records, errors and stats.
+"""The capture core both front ends share: records, refusals and stats.
 
 Both front ends (`frog_optax.linen`, `frog_optax.nnx`) intercept the call of
 a layer and keep only their framework hook: the linen method interceptor,
@@ -6,8 +6,12 @@ the NNX class patch. Each call goes through one :class:`Recorder` (rows of
 the batch from `batch_rows`, the layer's map from `layer_maps`, the checks
 and records), and after the backward pass :meth:`Recorder.layer_stats`
 turns what every layer saw into its `LayerStats`, gathered across replicas
-when an `axis_name` is given. Errors for layers the capture cannot handle
-use one vocabulary.
+when an `axis_name` is given.
+
+A layer the capture cannot sample is never fatal: its call runs unchanged,
+and it becomes an `UncapturedLayer` with the reason, which the optimizers
+send to the fallback when their `exclude` names it (and refuse, naming it,
+when it does not). Layers excluded from the capture are not sampled at all.
 """
 
 import contextlib
@@ -24,19 +28,9 @@ from jax import lax
 from frog_optax._src import batch_rows
 from frog_optax._src import geometry as geometry_lib
 from frog_optax._src import layer_maps
+from frog_optax._src import routing
 from frog_optax._src import scopes
 from frog_optax._src import stats as stats_lib
-
-Unsupported = Callable[[str], Exception]  # why -> the error to raise
-
-
-def unsupported_error(layer_type: str, path: str, why: str) -> Exception:
-  """The one error for a layer the capture cannot handle, in both APIs."""
-  return NotImplementedError(
-    f'frog_optax cannot capture {layer_type} at {path!r}: {why}.'
-    f" Exclude it with frog(..., exclude=('{path}',))."
-  )
-
 
 # Why a captured layer type is refused, in both front ends.
 CUSTOM_DOT_GENERAL = 'a custom dot_general is set'
@@ -81,18 +75,31 @@ class Recorder:
     discover: whether this is the shape-discovery pass.
     sample_size: examples per call used for the Fisher (`None`: all).
     rng: optional key for random rows.
+    exclude: module paths (or prefixes) not to capture.
     kinds: `{path: (geometry, layout)}`; every call must agree.
+    layer_types: `{path: class name}` of the sampled layers.
     batch_sizes: `{path: {call key: batch size}}`, keyed by call so that a
       body traced more than once (nn.scan, nnx.scan) counts once.
+    uncaptured: `{path: UncapturedLayer}` of the layers with a kernel that
+      were not captured: refused, excluded, or of a type not captured.
   """
 
   discover: bool
   sample_size: int | None
   rng: jax.Array | None
+  exclude: tuple[str, ...] = ()
   kinds: dict[str, tuple[Any, Any]] = dataclasses.field(default_factory=dict)
+  layer_types: dict[str, str] = dataclasses.field(default_factory=dict)
   batch_sizes: dict[str, dict[Any, int]] = dataclasses.field(
     default_factory=dict
   )
+  uncaptured: dict[str, stats_lib.UncapturedLayer] = dataclasses.field(
+    default_factory=dict
+  )
+
+  def refuse(self, path: str, layer_type: str, why: str) -> None:
+    """Records that `path` is not captured (the first reason is kept)."""
+    self.uncaptured.setdefault(path, stats_lib.UncapturedLayer(layer_type, why))
 
   def sample(
     self,
@@ -101,17 +108,31 @@ class Recorder:
     x: jax.Array,
     call_key: Any,
     sample_call: Callable[[Any], layer_maps.Sampled],
-  ) -> layer_maps.Sampled:
-    """Samples one call of a layer: `sample_call(rows)`, checked, recorded."""
-    unsupported = lambda why: unsupported_error(layer_type, path, why)
-    with jax.named_scope(scopes.CAPTURE):
-      rows = batch_rows.rows_of(
-        x, self.sample_size, self.rng, f'{layer_type} at {path!r}', unsupported
-      )
-      sampled = sample_call(rows)
-    kind = (sampled.geometry, sampled.layout)
-    if self.kinds.setdefault(path, kind) != kind:
-      raise unsupported('its calls have different geometries')
+  ) -> layer_maps.Sampled | None:
+    """Samples one call of a layer: `sample_call(rows)`, checked, recorded.
+
+    Returns `None`, and records why, when the layer is not captured: it is
+    excluded, it was refused before, or this call cannot be sampled
+    (`sample_call` raises `CaptureRefused`). The caller then returns the
+    layer's outputs untouched.
+    """
+    if routing.is_excluded(path, self.exclude):
+      self.refuse(path, layer_type, stats_lib.EXCLUDED)
+    if path in self.uncaptured:
+      return None
+    try:
+      with jax.named_scope(scopes.CAPTURE):
+        rows = batch_rows.rows_of(
+          x, self.sample_size, self.rng, f'{layer_type} at {path!r}'
+        )
+        sampled = sample_call(rows)
+      kind = (sampled.geometry, sampled.layout)
+      if self.kinds.setdefault(path, kind) != kind:
+        raise stats_lib.CaptureRefused('its calls have different geometries')
+    except stats_lib.CaptureRefused as refused:
+      self.refuse(path, layer_type, refused.why)
+      return None
+    self.layer_types[path] = layer_type
     self.batch_sizes.setdefault(path, {})[call_key] = x.shape[0]
     return sampled
 
@@ -121,21 +142,29 @@ class Recorder:
     output_grads: dict[str, list[jax.Array]],
     axis_name: Any,
   ) -> dict[str, stats_lib.LayerStats]:
-    """`{path: LayerStats}` from every call's inputs and output gradients."""
+    """`{path: LayerStats}` from every call's inputs and output gradients.
+
+    Layers refused after some of their calls were recorded are left out
+    (they are in `uncaptured`), and so are layers whose calls cannot be
+    combined.
+    """
+    stats = {}
     with jax.named_scope(scopes.CAPTURE):
-      return {
-        path: gather_samples(
-          assemble(
-            path,
+      for path, xs in inputs.items():
+        if path in self.uncaptured:
+          continue
+        try:
+          layer_stats = assemble(
             xs,
             output_grads[path],
             list(self.batch_sizes[path].values()),
             *self.kinds[path],
-          ),
-          axis_name,
-        )
-        for path, xs in inputs.items()
-      }
+          )
+        except stats_lib.CaptureRefused as refused:
+          self.refuse(path, self.layer_types[path], refused.why)
+          continue
+        stats[path] = gather_samples(layer_stats, axis_name)
+    return stats
 
 
 # ----------------------------------------------------------------------------
@@ -143,7 +172,6 @@ class Recorder:
 
 
 def assemble(
-  name: str,
   inputs: list[jax.Array],
   output_grads: list[jax.Array],
   batch_sizes: list[int],
@@ -165,10 +193,9 @@ def assemble(
   k = inputs[0].ndim - geometry.sample_ndim
   shapes = {(x.shape[:k], x.shape[k + 1 :]) for x in inputs}
   if k < 0 or len(shapes) > 1:
-    raise NotImplementedError(
-      f'{name!r} was called on inputs of different shapes'
-      f' {[x.shape for x in inputs]}; FROG stats cannot be combined.'
-      ' Exclude it.'
+    raise stats_lib.CaptureRefused(
+      f'its calls have inputs of different shapes {[x.shape for x in inputs]},'
+      ' whose samples cannot be combined'
     )
   total = sum(batch_sizes)
   dy = [d * total for d in output_grads]

@@ -37,6 +37,7 @@ def describe_rows(
   chosen = set(routing.preconditioned_modules(params, exclude))
   candidates = set(routing.preconditioned_modules(params))
   by_path = stats_lib.stats_by_path(stats)
+  uncaptured = stats_lib.stats_by_path(stats, stats_lib.UncapturedLayer)
   rows = []
   for module, leaves in sorted(routing.module_leaves(params).items()):
     entry = {
@@ -54,8 +55,18 @@ def describe_rows(
       entry['row_size'] = _row_size(leaves, layer_stats)
       if layer_stats is not None:
         entry['samples'] = layer_stats.num_samples
+      not_captured = uncaptured.get(module)
+      if not_captured is not None:
+        not_captured = (
+          f'not captured ({not_captured.layer_type}: {not_captured.reason})'
+        )
       if module not in chosen:
-        entry['why'] = 'excluded'
+        entry['why'] = 'excluded' + (
+          f'; {not_captured}' if not_captured else ''
+        )
+      elif not_captured:
+        entry['route'] = 'ERROR'
+        entry['why'] = f'{not_captured}: update will fail unless excluded'
       elif layer_stats is None:
         entry['route'] = 'ERROR'
         entry['why'] = 'no stats: update will fail'

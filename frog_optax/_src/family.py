@@ -87,16 +87,23 @@ def _check_layer_shapes(name, layer_stats, leaves):
 
 
 def _missing_stats_error(missing, uncaptured) -> ValueError:
-  """Why modules have no stats: an uncapturable type, or no capture."""
+  """Why modules have no stats: not captured (and why), or no capture."""
   lines = []
   cannot = {m: uncaptured[m] for m in missing if m in uncaptured}
   if cannot:
     lines.append(
-      'frog_optax cannot capture these layers:'
-      f' {", ".join(f"{m!r} ({t})" for m, t in cannot.items())}. It'
-      ' captures nn.Dense, nn.DenseGeneral, nn.Einsum and nn.Conv (linen)'
-      ' and nnx.Linear, nnx.LinearGeneral, nnx.Einsum and nnx.Conv (NNX).'
+      'frog_optax did not capture these layers: '
+      + '; '.join(
+        f'{m!r} ({u.layer_type}: {u.reason})' for m, u in cannot.items()
+      )
+      + '.'
     )
+    if any(u.reason == stats_lib.UNKNOWN_TYPE for u in cannot.values()):
+      lines.append(
+        'It captures nn.Dense, nn.DenseGeneral, nn.Einsum and nn.Conv'
+        ' (linen) and nnx.Linear, nnx.LinearGeneral, nnx.Einsum and nnx.Conv'
+        ' (NNX).'
+      )
   other = [m for m in missing if m not in cannot]
   if other:
     lines.append(
@@ -106,7 +113,7 @@ def _missing_stats_error(missing, uncaptured) -> ValueError:
     )
   lines.append(
     'To send them to the fallback optimizer instead, pass'
-    f' exclude={tuple(missing)!r}.'
+    f' exclude={tuple(missing)!r} to the optimizer.'
   )
   return ValueError(' '.join(lines))
 
@@ -138,9 +145,7 @@ def _stats_of(chosen, frog_stats) -> dict[str, stats_lib.LayerStats]:
   missing = [m for m in chosen if m not in by_path]
   if missing:
     uncaptured = stats_lib.stats_by_path(frog_stats, stats_lib.UncapturedLayer)
-    raise _missing_stats_error(
-      missing, {m: u.layer_type for m, u in uncaptured.items()}
-    )
+    raise _missing_stats_error(missing, uncaptured)
   return by_path
 
 

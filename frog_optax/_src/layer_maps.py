@@ -5,7 +5,8 @@ becomes `(samples, D_in) @ (D_in, rows)` by an axis permutation of its
 inputs and outputs; a convolution becomes the lax convolution Flax runs,
 with its padding made explicit. `sample_dense` / `sample_conv` return what
 one call contributes: the sampled inputs in that form, and the zero
-perturbation whose gradient is dLoss/d(outputs) of the sampled rows.
+perturbation whose gradient is dLoss/d(outputs) of the sampled rows. A call
+that cannot be written so raises `CaptureRefused` with the reason.
 """
 
 import dataclasses
@@ -23,8 +24,7 @@ from frog_optax._src import geometry as geometry_lib
 from frog_optax._src import stats as stats_lib
 from frog_optax._src.batch_rows import take_rows
 from frog_optax._src.batch_rows import tap_rows
-
-Unsupported = Callable[[str], Exception]  # why -> the error to raise
+from frog_optax._src.stats import CaptureRefused
 
 
 def as_tuple(value, n):
@@ -51,6 +51,8 @@ class DenseMap:
       `x_perm`) and the output axes last, in the order of the rows.
     num_output_axes: output axes of `y` (their product is the rows).
     layout: how the kernel maps to `(D_in, rows)`.
+    y_batch_axis: the axis of `y` that carries the batch axis of `x` (its
+      first); `y_perm` orders the axes of `y` with this one moved first.
   """
 
   x_perm: tuple[int, ...]
@@ -58,6 +60,7 @@ class DenseMap:
   y_perm: tuple[int, ...]
   num_output_axes: int
   layout: stats_lib.ParamLayout
+  y_batch_axis: int = 0
 
 
 def _layout(num_in, num_out, kernel_perm=None) -> stats_lib.ParamLayout:
@@ -68,16 +71,13 @@ def _layout(num_in, num_out, kernel_perm=None) -> stats_lib.ParamLayout:
   return stats_lib.ParamLayout(num_input_axes=num_in, kernel_perm=kernel_perm)
 
 
-def dense_map(x_ndim: int, unsupported: Unsupported) -> DenseMap:
+def dense_map(x_ndim: int) -> DenseMap:
   """`nn.Dense` / `nnx.Linear`: the last axis of `x` is contracted."""
-  return dense_general_map(x_ndim, (-1,), 1, unsupported)
+  return dense_general_map(x_ndim, (-1,), 1)
 
 
 def dense_general_map(
-  x_ndim: int,
-  axis: tuple[int, ...],
-  num_features: int,
-  unsupported: Unsupported,
+  x_ndim: int, axis: tuple[int, ...], num_features: int
 ) -> DenseMap:
   """`nn.DenseGeneral` without batch dims: `axis` of `x` contracted.
 
@@ -87,7 +87,7 @@ def dense_general_map(
   """
   axis = tuple(sorted(a % x_ndim for a in axis))
   if 0 in axis or len(axis) == x_ndim:
-    raise unsupported(
+    raise CaptureRefused(
       f'it contracts axis 0 of its {x_ndim}-D inputs, so there is no batch'
       ' axis to sample from'
     )
@@ -103,16 +103,15 @@ def dense_general_map(
 
 
 def einsum_map(
-  einsum_str: str,
-  x_shape: tuple[int, ...],
-  kernel_shape: tuple[int, ...],
-  unsupported: Unsupported,
+  einsum_str: str, x_shape: tuple[int, ...], kernel_shape: tuple[int, ...]
 ) -> DenseMap:
   """`nn.Einsum`: `y = einsum(einsum_str, x, kernel)`.
 
   Supported when every kernel label is either contracted with `x` or an
-  output feature, and the first axis of `x` is the first axis of `y` (the
-  batch to sample from).
+  output feature, and the first axis of `x` (the batch to sample from) is
+  an axis of `y` and not of the kernel. It may be anywhere in `y`: Gemma's
+  attention projects with `'BTD,SNDH->SBTNH'`, whose first output axis is
+  the stack of q, k, v.
   """
   operands, result, _ = opt_einsum.parser.parse_einsum_input(
     (
@@ -124,31 +123,34 @@ def einsum_map(
   inputs, kernel = operands.split(',')
   for labels in (inputs, kernel, result):
     if len(set(labels)) != len(labels):
-      raise unsupported(f'{einsum_str!r} repeats a label within an operand')
+      raise CaptureRefused(f'{einsum_str!r} repeats a label within an operand')
   shared = set(inputs) & set(kernel) & set(result)
   if shared:
-    raise unsupported(
+    raise CaptureRefused(
       f'{einsum_str!r} keeps kernel labels {sorted(shared)} in the inputs'
       ' and the outputs (a batched kernel)'
     )
   summed = (set(kernel) ^ set(inputs)) - set(result)
   if summed:
-    raise unsupported(
+    raise CaptureRefused(
       f'{einsum_str!r} sums labels {sorted(summed)} of one operand only'
     )
-  if not inputs or not result or inputs[0] != result[0] or inputs[0] in kernel:
-    raise unsupported(
-      f'{einsum_str!r} does not keep the first input axis as the first'
-      ' output axis, so there is no batch axis to sample from'
+  if not inputs or inputs[0] not in result or inputs[0] in kernel:
+    raise CaptureRefused(
+      f'{einsum_str!r} does not keep the first input axis in the outputs,'
+      ' so there is no batch axis to sample from'
     )
+  batch = result.index(inputs[0])
+  moved = inputs[0] + result[:batch] + result[batch + 1 :]  # batch first
   contracted = [c for c in kernel if c in inputs]
   outputs = [c for c in result if c in kernel]
   samples = [c for c in inputs if c in result]
   return DenseMap(
     x_perm=tuple(inputs.index(c) for c in samples + contracted),
     num_input_axes=len(contracted),
-    y_perm=tuple(result.index(c) for c in samples + outputs),
+    y_perm=tuple(moved.index(c) for c in samples + outputs),
     num_output_axes=len(outputs),
+    y_batch_axis=batch,
     layout=_layout(
       len(contracted),
       len(outputs),
@@ -161,7 +163,7 @@ def einsum_map(
 # Convolutions: the lax conv that Flax runs, with its padding made explicit.
 
 
-def conv_lax_inputs(module: Any, x: jax.Array, unsupported: Unsupported):
+def conv_lax_inputs(module: Any, x: jax.Array):
   """The inputs and geometry of the lax conv a Flax `Conv` runs.
 
   `module` is a linen `nn.Conv` or an `nnx.Conv` (same attribute names).
@@ -182,14 +184,14 @@ def conv_lax_inputs(module: Any, x: jax.Array, unsupported: Unsupported):
     padding = 'VALID'
   elif padding == 'CAUSAL':
     if n != 1:
-      raise unsupported('CAUSAL padding is 1-D only')
+      raise CaptureRefused('CAUSAL padding is 1-D only')
     x = jnp.pad(
       x, [(0, 0), ((kernel_size[0] - 1) * kernel_dilation[0], 0), (0, 0)]
     )
     padding = 'VALID'
   if isinstance(padding, str):
     if padding not in ('SAME', 'VALID', 'SAME_LOWER'):
-      raise unsupported(f'padding {padding!r} is unknown')
+      raise CaptureRefused(f'padding {padding!r} is unknown')
     # lax.conv_general_dilated computes string padding on the undilated
     # input shape; do the same.
     pads = lax.padtype_to_pads(x.shape[1:-1], dilated, strides, padding)
@@ -242,14 +244,19 @@ def sample_dense(x: jax.Array, y: jax.Array, rows, dense: DenseMap) -> Sampled:
   x_rows = jnp.transpose(take_rows(x, rows), dense.x_perm)
   n_in = dense.num_input_axes
   x_rows = x_rows.reshape((-1, math.prod(x_rows.shape[-n_in:])))
-  y_rows_shape = _rows_shape(y, rows)
+  b = dense.y_batch_axis
+  y_rows_shape = _rows_shape(jnp.moveaxis(y, b, 0), rows)
   permuted = tuple(y_rows_shape[a] for a in dense.y_perm)
   n_out = dense.num_output_axes
   p_shape = (math.prod(permuted[:-n_out]), math.prod(permuted[-n_out:]))
   inverse = tuple(np.argsort(dense.y_perm))
 
   def add_perturbation(p):
-    return tap_rows(y, rows, p.reshape(permuted).transpose(inverse))
+    # The batch axis is tapped first and moved back: a no-op on the value.
+    tapped = tap_rows(
+      jnp.moveaxis(y, b, 0), rows, p.reshape(permuted).transpose(inverse)
+    )
+    return jnp.moveaxis(tapped, 0, b)
 
   return Sampled(
     inputs=lax.stop_gradient(x_rows),
@@ -260,16 +267,14 @@ def sample_dense(x: jax.Array, y: jax.Array, rows, dense: DenseMap) -> Sampled:
   )
 
 
-def sample_conv(
-  module: Any, x: jax.Array, y: jax.Array, rows, unsupported: Unsupported
-) -> Sampled:
+def sample_conv(module: Any, x: jax.Array, y: jax.Array, rows) -> Sampled:
   """A convolution: inputs `(n, *spatial, c_in)`, extra batch axes folded."""
   num_feature_dims = len(as_tuple(module.kernel_size, 1)) + 1
   if x.ndim <= num_feature_dims:
-    raise unsupported(f'inputs of shape {x.shape} have no batch axis')
+    raise CaptureRefused(f'inputs of shape {x.shape} have no batch axis')
   x_rows = take_rows(x, rows)
   x_rows = x_rows.reshape((-1,) + x.shape[x.ndim - num_feature_dims :])
-  x_rows, geometry = conv_lax_inputs(module, x_rows, unsupported)
+  x_rows, geometry = conv_lax_inputs(module, x_rows)
   y_rows_shape = _rows_shape(y, rows)
   leading = y_rows_shape[: len(y_rows_shape) - num_feature_dims]
   p_shape = (math.prod(leading),) + y_rows_shape[len(leading) :]

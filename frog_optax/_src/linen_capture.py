@@ -21,16 +21,16 @@ from jax import lax
 from frog_optax._src import capture as capture_lib
 from frog_optax._src import layer_maps
 from frog_optax._src import paths
+from frog_optax._src import stats as stats_lib
 
 INPUTS = 'frog_inputs'
 PERTURBATIONS = 'frog_perturbations'
 _SOW_NAME = 'inputs'
 _CAPTURED_TYPES = (nn.Dense, nn.Conv, nn.DenseGeneral, nn.Einsum)
-_LIFTED_HINT = (
-  ' It was probably called inside nn.scan or nn.vmap: give both capture'
-  ' collections a leading layer axis there, variable_axes={"params": 0,'
-  ' fo.linen.INPUTS: 0, fo.linen.PERTURBATIONS: 0}, or exclude it with'
-  ' frog(..., exclude=...).'
+LIFTED = (
+  'the capture collections did not reach it, probably inside nn.scan or'
+  ' nn.vmap: give both a leading layer axis there, variable_axes={"params":'
+  ' 0, fo.linen.INPUTS: 0, fo.linen.PERTURBATIONS: 0}'
 )
 
 
@@ -41,8 +41,6 @@ class Session(capture_lib.Recorder):
   perturbations: list[Any] = dataclasses.field(default_factory=list)
   collected_inputs: list[Any] = dataclasses.field(default_factory=list)
   collected_perturbations: list[Any] = dataclasses.field(default_factory=list)
-  # Type names of the called modules with a kernel that cannot be captured.
-  uncaptured: dict[str, str] = dataclasses.field(default_factory=dict)
   num_applies: int = 0
 
 
@@ -53,12 +51,8 @@ sessions = capture_lib.SessionSlot()
 # The interceptor.
 
 
-def _unsupported(module: nn.Module, why: str) -> Exception:
-  path = '/'.join(module.scope.path) if module.scope else '?'
-  return capture_lib.unsupported_error(type(module).__name__, path, why)
-
-
 def _check_supported(module: nn.Module) -> None:
+  """Raises `CaptureRefused` for a configuration the maps do not model."""
   why = None
   if isinstance(module, (nn.Dense, nn.DenseGeneral)):
     if module.dot_general is not None or module.dot_general_cls is not None:
@@ -73,7 +67,7 @@ def _check_supported(module: nn.Module) -> None:
     elif module.mask is not None:
       why = capture_lib.MASKED
   if why:
-    raise _unsupported(module, why)
+    raise stats_lib.CaptureRefused(why)
 
 
 def _is_captured(module: nn.Module) -> bool:
@@ -86,32 +80,29 @@ def _is_captured(module: nn.Module) -> bool:
 
 
 def _sample(module, args, kwargs, x, y, rows) -> layer_maps.Sampled:
-  unsupported = lambda why: _unsupported(module, why)
+  _check_supported(module)
   if isinstance(module, nn.Conv):
-    return layer_maps.sample_conv(module, x, y, rows, unsupported)
+    return layer_maps.sample_conv(module, x, y, rows)
   if isinstance(module, nn.Dense):
-    dense = layer_maps.dense_map(x.ndim, unsupported)
+    dense = layer_maps.dense_map(x.ndim)
   elif isinstance(module, nn.DenseGeneral):
     dense = layer_maps.dense_general_map(
       x.ndim,
       layer_maps.as_tuple(module.axis, 1),
       len(layer_maps.as_tuple(module.features, 1)),
-      unsupported,
     )
   else:  # nn.Einsum: the equation may also be given at call time.
     einsum_str = args[1] if len(args) > 1 else kwargs.get('einsum_str')
     einsum_str = (einsum_str or module.einsum_str).replace(' ', '')
-    dense = layer_maps.einsum_map(
-      einsum_str, x.shape, tuple(module.shape), unsupported
-    )
+    dense = layer_maps.einsum_map(einsum_str, x.shape, tuple(module.shape))
   return layer_maps.sample_dense(x, y, rows, dense)
 
 
 def _note_uncaptured(session: Session, module: nn.Module) -> None:
-  """Remembers a called module with a kernel that is not captured."""
+  """Remembers a called module with a kernel of a type not captured."""
   if module.scope is not None and module.has_variable('params', 'kernel'):
     path = '/'.join(module.scope.path)
-    session.uncaptured.setdefault(path, type(module).__name__)
+    session.refuse(path, type(module).__name__, stats_lib.UNKNOWN_TYPE)
 
 
 def _interceptor(next_fun, args, kwargs, context):
@@ -122,21 +113,22 @@ def _interceptor(next_fun, args, kwargs, context):
   if not _is_captured(module):
     _note_uncaptured(session, module)
     return next_fun(*args, **kwargs)
-  _check_supported(module)
   x = args[0] if args else kwargs['inputs']
   y = next_fun(*args, **kwargs)
   path = '/'.join(module.scope.path)
+  layer_type = type(module).__name__
   index = 0
   if module.has_variable(INPUTS, _SOW_NAME):
     index = len(module.get_variable(INPUTS, _SOW_NAME))
   sampled = session.sample(
     path,
-    type(module).__name__,
+    layer_type,
     x,
     (session.num_applies, index),
     lambda rows: _sample(module, args, kwargs, x, y, rows),
   )
-  module.sow(INPUTS, _SOW_NAME, sampled.inputs)
+  if sampled is None:  # not captured: the session says why
+    return y
   try:
     perturbation = module.variable(
       PERTURBATIONS,
@@ -145,10 +137,10 @@ def _interceptor(next_fun, args, kwargs, context):
       sampled.perturbation_shape,
       y.dtype,
     )
-  except flax.errors.ScopeCollectionNotFound as e:
-    raise NotImplementedError(
-      f'frog_optax could not capture {path!r}.' + _LIFTED_HINT
-    ) from e
+  except flax.errors.ScopeCollectionNotFound:
+    session.refuse(path, layer_type, LIFTED)
+    return y
+  module.sow(INPUTS, _SOW_NAME, sampled.inputs)
   return sampled.add_perturbation(perturbation.value)
 
 
@@ -232,15 +224,11 @@ def assemble_stats(session: Session, output_grads: list[Any], axis_name):
   return session.layer_stats(flat_inputs, flat_grads, axis_name)
 
 
-def check_all_perturbed(session: Session, perturbation_shapes) -> None:
-  """Layers whose capture collections were dropped by a lifted transform."""
+def refuse_unperturbed(session: Session, perturbation_shapes) -> None:
+  """Refuses the layers whose capture collections a lifted transform lost."""
   seen = set()
   for tree in perturbation_shapes:
     for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]:
       seen.add(paths.path_name(path[:-1]))
-  lost = sorted(set(session.kinds) - seen)
-  if lost:
-    raise NotImplementedError(
-      f'frog_optax could not capture {lost}: the capture collections did'
-      ' not come back from the apply.' + _LIFTED_HINT
-    )
+  for path in sorted(set(session.kinds) - seen):
+    session.refuse(path, session.layer_types[path], LIFTED)

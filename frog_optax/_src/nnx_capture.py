@@ -21,6 +21,7 @@ from jax import lax
 from frog_optax._src import capture as capture_lib
 from frog_optax._src import layer_maps
 from frog_optax._src import paths
+from frog_optax._src import stats as stats_lib
 
 _CAPTURED_TYPES = (nnx.Linear, nnx.Conv, nnx.LinearGeneral, nnx.Einsum)
 
@@ -51,11 +52,8 @@ _patch_lock = threading.Lock()
 _patch_depth = 0
 
 
-def _unsupported(path: str, module: Any, why: str) -> Exception:
-  return capture_lib.unsupported_error(type(module).__name__, path, why)
-
-
-def _check_supported(path: str, module: Any) -> None:
+def _check_supported(module: Any) -> None:
+  """Raises `CaptureRefused` for a configuration the maps do not model."""
   why = None
   if isinstance(module, (nnx.Linear, nnx.LinearGeneral)):
     custom = getattr(module, 'dot_general_cls', None) is not None
@@ -71,19 +69,19 @@ def _check_supported(path: str, module: Any) -> None:
   elif module.mask is not None:
     why = capture_lib.MASKED
   if why:
-    raise _unsupported(path, module, why)
+    raise stats_lib.CaptureRefused(why)
 
 
-def _sample(module, inputs, y, rows, args, kwargs, unsupported):
+def _sample(module, inputs, y, rows, args, kwargs):
   """What one call of a captured layer contributes."""
+  _check_supported(module)
   if isinstance(module, nnx.Conv):
-    return layer_maps.sample_conv(module, inputs, y, rows, unsupported)
+    return layer_maps.sample_conv(module, inputs, y, rows)
   if isinstance(module, nnx.LinearGeneral):
     dense = layer_maps.dense_general_map(
       inputs.ndim,
       layer_maps.as_tuple(module.axis, 1),
       len(module.out_features),
-      unsupported,
     )
   elif isinstance(module, nnx.Einsum):  # the equation may come at call time
     einsum_str = args[0] if args else kwargs.get('einsum_str')
@@ -91,10 +89,9 @@ def _sample(module, inputs, y, rows, args, kwargs, unsupported):
       (einsum_str or module.einsum_str).replace(' ', ''),
       inputs.shape,
       tuple(module.kernel.shape),
-      unsupported,
     )
   else:
-    dense = layer_maps.dense_map(inputs.ndim, unsupported)
+    dense = layer_maps.dense_map(inputs.ndim)
   return layer_maps.sample_dense(inputs, y, rows, dense)
 
 
@@ -107,9 +104,7 @@ def _capturing_call(original: Callable[..., Any]) -> Callable[..., Any]:
     path = None if session is None else getattr(self, _PATH, None)
     if path is None:  # outside value_and_grad, or not part of the model
       return original(self, inputs, *args, **kwargs)
-    _check_supported(path, self)
     y = original(self, inputs, *args, **kwargs)
-    unsupported = lambda why: _unsupported(path, self, why)
     # The calls already on this copy of the layer: a lifted transform may
     # trace its body more than once, each time on a fresh copy.
     index = sum(name.startswith(INPUTS_PREFIX) for name in vars(self))
@@ -118,8 +113,10 @@ def _capturing_call(original: Callable[..., Any]) -> Callable[..., Any]:
       type(self).__name__,
       inputs,
       index,
-      lambda rows: _sample(self, inputs, y, rows, args, kwargs, unsupported),
+      lambda rows: _sample(self, inputs, y, rows, args, kwargs),
     )
+    if sampled is None:  # not captured: the session says why
+      return y
     setattr(self, f'{INPUTS_PREFIX}{index}', FrogInputs(sampled.inputs))
     name = f'{PERTURBATION_PREFIX}{index}'
     if session.discover:
@@ -194,10 +191,14 @@ def calls(state: nnx.State, prefix: str) -> dict[str, list[jax.Array]]:
   return {m: [calls[i] for i in sorted(calls)] for m, calls in by_call.items()}
 
 
-def uncaptured_modules(model: nnx.Module) -> dict[str, str]:
-  """`{path: type name}` of the modules with a kernel the capture skips."""
+def uncaptured_modules(
+  model: nnx.Module,
+) -> dict[str, stats_lib.UncapturedLayer]:
+  """The modules with a kernel of a type the capture does not know."""
   return {
-    paths.path_name(path): type(module).__name__
+    paths.path_name(path): stats_lib.UncapturedLayer(
+      type(module).__name__, stats_lib.UNKNOWN_TYPE
+    )
     for path, module in nnx.iter_modules(model)
     if not isinstance(module, _CAPTURED_TYPES)
     and isinstance(getattr(module, 'kernel', None), nnx.Param)

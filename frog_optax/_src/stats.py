@@ -84,24 +84,46 @@ jax.tree_util.register_dataclass(
 )
 
 
+# The reasons a layer is not captured that are not about its configuration.
+UNKNOWN_TYPE = 'the capture does not know this layer type'
+EXCLUDED = 'excluded from the capture (value_and_grad(exclude=...))'
+
+
 @dataclasses.dataclass(frozen=True)
 class UncapturedLayer:
-  """A stats-tree entry: a module with a kernel the capture cannot handle.
+  """A stats-tree entry: a module with a kernel the capture did not capture.
 
   Put in place of the module's parameters (like `None`, it holds no arrays),
-  so that an optimizer asked to precondition it can say which layer type is
-  the problem.
+  so that an optimizer asked to precondition it can say which layer it is
+  and why, and :func:`frog_optax.describe` can show it. The optimizers send
+  such a layer to the fallback when their `exclude` names it, and raise an
+  error naming it otherwise.
 
   Attributes:
     layer_type: the module's class name, e.g. `'ConvLocal'`.
+    reason: why it was not captured, e.g. that the capture does not know
+      the layer type, or that an Einsum has no batch axis to sample from.
   """
 
   layer_type: str
+  reason: str = UNKNOWN_TYPE
 
 
 jax.tree_util.register_dataclass(
-  UncapturedLayer, data_fields=[], meta_fields=['layer_type']
+  UncapturedLayer, data_fields=[], meta_fields=['layer_type', 'reason']
 )
+
+
+class CaptureRefused(Exception):
+  """Inside the capture: this call of a layer cannot be sampled, and why.
+
+  Raised by the layer maps and caught by the capture, which records the
+  layer as an :class:`UncapturedLayer` with `why` as its reason.
+  """
+
+  def __init__(self, why: str):
+    super().__init__(why)
+    self.why = why
 
 
 def is_stats_leaf(x: Any) -> bool:
@@ -124,15 +146,15 @@ def stats_by_path(stats: Any, kind: type = LayerStats) -> dict[str, Any]:
 def stats_tree(
   params: Any,
   captured: Mapping[str, LayerStats],
-  uncaptured: Mapping[str, str] | None = None,
+  uncaptured: Mapping[str, UncapturedLayer] | None = None,
 ) -> Any:
   """Builds the params-prefix tree: `LayerStats` per captured module dict.
 
   Args:
     params: the parameter tree (nested mappings of arrays).
     captured: `{module_path: LayerStats}`.
-    uncaptured: `{module_path: layer type}` of modules with a kernel that
-      the capture saw but cannot handle.
+    uncaptured: `{module_path: UncapturedLayer}` of modules with a kernel
+      that the capture saw but did not capture.
 
   Returns:
     The same nesting as `params`, with a `LayerStats` in place of each
@@ -146,7 +168,7 @@ def stats_tree(
     if name in captured:
       return captured[name]
     if name in uncaptured:
-      return UncapturedLayer(uncaptured[name])
+      return uncaptured[name]
     if isinstance(node, Mapping):
       return {k: build(v, prefix + (str(k),)) for k, v in node.items()}
     return None
