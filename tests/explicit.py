@@ -80,10 +80,10 @@ def normalized_row_fishers(features, output_grads, damping):
   return np.stack(out)
 
 
-def textbook_cg(a, b, iters):
-  """Plain CG from zero on one SPD system, exactly `iters` steps."""
-  x = np.zeros_like(b)
-  r = b.copy()
+def textbook_cg(a, b, iters, x0=None):
+  """Plain CG from `x0` (default zero) on one SPD system, `iters` steps."""
+  x = np.zeros_like(b) if x0 is None else np.array(x0, np.float64)
+  r = b - a @ x
   p = r.copy()
   rr = r @ r
   for _ in range(iters):

@@ -136,20 +136,24 @@ def frog_rule(
   trace_normalization=True,
   step_normalization=True,
   row_blocks='exact',
+  warm_start=False,
 ):
   """FROG and its ablations; `k=None` solves exactly.
 
   τ is `damping + rank_damping·D/N` (N = the samples behind a row's Fisher),
   ε is relative to `max |m_j|²`, and a row whose Fisher has zero trace is
-  solved with the identity.
+  solved with the identity. `warm_start` starts each row's CG from the
+  layer's previous solution.
   """
+  previous = {}
 
   def rule(name, rows, layer, count):
-    del name, count
+    del count
     dy, features, n = layer
     r, num_samples, d = features.shape
     tau = damping + rank_damping * d / num_samples
     weights = np.asarray(dy, np.float64).reshape(-1, r) ** 2
+    solutions = []
     if row_blocks == 'kronecker':
       weights = np.broadcast_to(weights.mean(axis=0), weights.shape)
     out = []
@@ -163,11 +167,14 @@ def frog_rule(
       if k is None:
         z = np.linalg.solve(f, rows[j])
       else:
-        z = explicit.textbook_cg(f, rows[j], k)
+        x0 = previous[name][j] if warm_start and name in previous else None
+        z = explicit.textbook_cg(f, rows[j], k, x0)
+      solutions.append(z)
       if step_normalization:
         peak = np.abs(rows[j]).max()
         z = z / np.sqrt(z @ rows[j] + eps * peak**2)
       out.append(z)
+    previous[name] = solutions
     return np.stack(out)
 
   return rule

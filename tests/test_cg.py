@@ -50,6 +50,32 @@ class BatchedCGTest(chex.TestCase):
       np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
 
   @chex.variants(with_jit=True, without_jit=True)
+  def test_a_start_equals_textbook_cg_from_it(self):
+    blocks = spd_blocks(4)
+    rng = np.random.default_rng(5)
+    b, x0 = rng.normal(size=(D, ROWS)), rng.normal(size=(D, ROWS))
+    solve = self.variant(
+      lambda rhs, start: fo.batched_cg(
+        block_matvec(blocks), rhs, 2, fisher.row_inner, init=start
+      )
+    )
+    got = solve({'kernel': jnp.asarray(b)}, {'kernel': jnp.asarray(x0)})
+    want = np.stack(
+      [
+        explicit.textbook_cg(blocks[j], b[:, j], 2, x0[:, j])
+        for j in range(ROWS)
+      ],
+      axis=1,
+    )
+    np.testing.assert_allclose(got['kernel'], want, rtol=1e-10, atol=1e-12)
+    # Started at the solution, CG stays there.
+    exact = np.stack(
+      [np.linalg.solve(blocks[j], b[:, j]) for j in range(ROWS)], axis=1
+    )
+    stay = solve({'kernel': jnp.asarray(b)}, {'kernel': jnp.asarray(exact)})
+    np.testing.assert_allclose(stay['kernel'], exact, rtol=1e-9, atol=1e-12)
+
+  @chex.variants(with_jit=True, without_jit=True)
   def test_d_steps_solve_exactly(self):
     blocks = spd_blocks(2, cond=10.0)
     b = np.random.default_rng(3).normal(size=(D, ROWS))

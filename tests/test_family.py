@@ -46,6 +46,8 @@ def assert_matches(got, want):
     dict(step_normalization=False),
     dict(row_blocks='kronecker'),
     dict(solver='cholesky', row_blocks='kronecker', step_normalization=False),
+    dict(warm_start=True),
+    dict(warm_start=True, step_normalization=False, row_blocks='kronecker'),
   ],
   ids=lambda o: '-'.join(f'{k}={v}' for k, v in o.items()),
 )
@@ -67,6 +69,7 @@ def test_frog_ablations(options):
     trace_normalization=options.get('trace_normalization', True),
     step_normalization=options.get('step_normalization', True),
     row_blocks=options.get('row_blocks', 'exact'),
+    warm_start=options.get('warm_start', False),
   )
   want = ref.heavy_ball_loop(
     prob, rule, lr=0.1, momentum=0.9, wd=0.01, ratio=0.5
@@ -83,6 +86,7 @@ def test_frog_ablations_change_the_update():
     dict(trace_normalization=False),
     dict(step_normalization=False),
     dict(row_blocks='kronecker'),
+    dict(warm_start=True),
   ):
     other = run(fo.frog(0.1, cg_iters=3, **options), prob)
     assert not np.allclose(other['conv']['kernel'], base['conv']['kernel'])
@@ -391,3 +395,20 @@ def test_state_from_other_parameters_is_an_error():
   state = tx.init({'dense': prob.params['dense']})
   with pytest.raises(ValueError, match="no entry for 'conv'"):
     tx.update(prob.grads[0], state, frog_stats=prob.stats[0])
+
+
+def test_frog_warm_start_validation_and_state():
+  with pytest.raises(ValueError, match='warm_start'):
+    fo.frog(0.1, warm_start=True, solver='cholesky')
+  with pytest.raises(ValueError, match='warm_start'):
+    fo.scale_by_frog(warm_start=1)
+  prob = ref.problem()
+  tx = fo.scale_by_frog(warm_start=True)
+  state = tx.init(prob.params)
+  assert set(state.layers) == {'conv', 'dense'}
+  chex.assert_trees_all_equal_shapes(
+    state.layers['dense'], prob.params['dense']
+  )
+  _, state = tx.update(prob.grads[0], state, frog_stats=prob.stats[0])
+  assert np.any(state.layers['conv']['kernel'] != 0)  # the solution is kept
+  assert fo.scale_by_frog().init(prob.params).layers == {}  # stateless

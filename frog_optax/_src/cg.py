@@ -3,9 +3,9 @@
 Differences from `jax.scipy.sparse.linalg.cg`:
 - every row j of the unknown (the last axis of each leaf) is its own system,
   with its own step sizes α_j, β_j, but all rows share one matvec call;
-- a fixed number of iterations from zero and no tolerance test, so the cost
-  is static; a Python-int count is unrolled (see below), a traced count
-  runs a `fori_loop`;
+- a fixed number of iterations (from zero, or from a given start) and no
+  tolerance test, so the cost is static; a Python-int count is unrolled
+  (see below), a traced count runs a `fori_loop`;
 - breakdown (a zero residual or a zero curvature ⟨p, Ap⟩) is not an error:
   the step size of that row becomes zero and its iterate stays put.
 """
@@ -39,6 +39,7 @@ def batched_cg(
   rhs: Tree,
   num_iters: int | jax.Array,
   row_inner: Callable[[Tree, Tree], jax.Array],
+  init: Tree | None = None,
 ) -> Tree:
   """Runs `num_iters` conjugate-gradient steps on `A z = rhs`, row by row.
 
@@ -49,18 +50,35 @@ def batched_cg(
     num_iters: number of CG steps k; `k = D` solves exactly (in exact
       arithmetic).
     row_inner: per-row inner product of two trees, returning shape `(rows,)`.
+    init: the start `z⁽⁰⁾` (structure of `rhs`); `None` starts from zero.
+      A start costs one more `matvec` (its residual `rhs - A z⁽⁰⁾`).
 
   Returns:
-    The k-th CG iterate, started from zero, with the structure of `rhs`.
+    The k-th CG iterate with the structure of `rhs`.
+
+  Example:
+    >>> import jax.numpy as jnp, frog_optax as fo
+    >>> a = jnp.array([[2.0, 0.0], [0.0, 4.0]])  # one row's system, D = 2
+    >>> matvec = lambda v: {'w': a @ v['w']}  # leaves (D, rows=1)
+    >>> inner = lambda u, v: (u['w'] * v['w']).sum(axis=0)
+    >>> b = {'w': jnp.array([[2.0], [4.0]])}
+    >>> fo.batched_cg(matvec, b, 2, inner)['w'].ravel().round(4).tolist()
+    [1.0, 1.0]
+    >>> start = {'w': jnp.array([[1.0], [0.0]])}  # one CG step from here
+    >>> fo.batched_cg(matvec, b, 1, inner, init=start)['w'].ravel().tolist()
+    [1.0, 1.0]
   """
   with jax.named_scope(scopes.CG):
-    return _batched_cg(matvec, rhs, num_iters, row_inner)
+    return _batched_cg(matvec, rhs, num_iters, row_inner, init)
 
 
-def _batched_cg(matvec, rhs, num_iters, row_inner):
-  z = jax.tree.map(jnp.zeros_like, rhs)
-  r = rhs
-  p = rhs
+def _batched_cg(matvec, rhs, num_iters, row_inner, init):
+  if init is None:
+    z, r = jax.tree.map(jnp.zeros_like, rhs), rhs
+  else:
+    z = init
+    r = jax.tree.map(jnp.subtract, rhs, matvec(init))
+  p = r
   rr = row_inner(r, r)
 
   def body(_, carry):

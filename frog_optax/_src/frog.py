@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import jax.numpy as jnp
 import optax
 
 from frog_optax._src import aliases
@@ -34,6 +35,7 @@ def scale_by_frog(
   trace_normalization: bool = True,
   step_normalization: bool = True,
   row_blocks: str = 'exact',
+  warm_start: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Row-wise Fisher preconditioning with batched conjugate gradient.
 
@@ -87,8 +89,10 @@ def scale_by_frog(
       1.0). 0 restores a damping of τ alone (the reference), which diverges
       on rank-deficient layers unless τ is large; then a
       :class:`frog_optax.RankDeficientFisherWarning` names such layers.
-    layouts: accepted for a uniform family signature; FROG keeps no
-      per-layer state and reads each layer's layout from its stats.
+    layouts: needed only with `warm_start` (the state it keeps per layer is
+      row-stacked), for DenseGeneral, Einsum and scan-stacked layers: see
+      :func:`scale_by_row_preconditioner`. Without `warm_start` FROG keeps
+      no per-layer state and reads each layer's layout from its stats.
     solver: `'cg'` or `'cholesky'` (exact per-row solve, `rows·D²` memory:
       small layers only).
     trace_normalization: `False` drops the `tr(F_j)/D` normalisation, so τ
@@ -97,6 +101,10 @@ def scale_by_frog(
     step_normalization: `False` returns `z` instead of `z/√⟨z, g⟩`.
     row_blocks: `'kronecker'` replaces each row's `y²` weights by their
       mean, giving K-FAC's block `S_jj·A` instead of the exact row Fisher.
+    warm_start: start each step's CG from the previous step's solution `z`
+      (kept in the state, one copy of every preconditioned kernel) instead
+      of zero. Each solve then costs one more operator application (the
+      start's residual); `solver='cg'` only.
 
   Returns:
     An `optax.GradientTransformationExtraArgs` whose `update` requires the
@@ -121,7 +129,18 @@ def scale_by_frog(
   validation.check_bool('trace_normalization', trace_normalization)
   validation.check_bool('step_normalization', step_normalization)
   validation.check_choice('row_blocks', row_blocks, fisher.ROW_BLOCKS)
+  validation.check_bool('warm_start', warm_start)
+  if warm_start and solver != 'cg':
+    raise ValueError(
+      f"warm_start needs solver='cg' (it starts the CG); got {solver!r}."
+    )
   exclude = validation.normalize_paths('exclude', exclude)
+
+  def init_layer(leaves):
+    if not warm_start:
+      return None
+    dtype = family.solve_dtype(leaves)
+    return {k: jnp.zeros(v.shape, dtype) for k, v in leaves.items()}
 
   def update_layer(name, layer_stats, direction, state, count):
     row_size = fisher.row_dimension(direction)
@@ -130,7 +149,7 @@ def scale_by_frog(
       name, row_size, samples, damping, rank_damping
     )
     tau = aliases.nonnegative_or_nan(aliases.schedule_value(damping, count))
-    u = frog_layer.precondition_layer(
+    u, z = frog_layer.solve_layer(
       layer_stats,
       direction,
       damping=frog_layer.layer_damping(tau, rank_damping, row_size, samples),
@@ -140,11 +159,12 @@ def scale_by_frog(
       trace_normalization=trace_normalization,
       step_normalization=step_normalization,
       row_blocks=row_blocks,
+      init=state,
     )
-    return u, state
+    return u, (z if warm_start else None)
 
   return family.scale_by_row_preconditioner(
-    family.LayerPreconditioner(init=lambda leaves: None, update=update_layer),
+    family.LayerPreconditioner(init=init_layer, update=update_layer),
     exclude,
     layouts,
   )
@@ -169,6 +189,8 @@ def frog(
   trace_normalization: bool = True,
   step_normalization: bool = True,
   row_blocks: str = 'exact',
+  warm_start: bool = False,
+  layouts: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""FROG: Fisher row-wise preconditioning (Breskanu), as an optax optimizer.
 
@@ -234,6 +256,10 @@ def frog(
     step_normalization: ablation switch, see :func:`scale_by_frog`.
     row_blocks: `'exact'` (FROG) or `'kronecker'` (ablation), see
       :func:`scale_by_frog`.
+    warm_start: start each CG from the previous step's solution (state:
+      one copy of the preconditioned kernels), see :func:`scale_by_frog`.
+    layouts: with `warm_start` only, for DenseGeneral, Einsum and
+      scan-stacked layers (e.g. `fo.linen.layouts(loss_fn, params, x)`).
 
   Returns:
     An `optax.GradientTransformationExtraArgs`; `update` requires the keyword
@@ -278,6 +304,8 @@ def frog(
       trace_normalization=trace_normalization,
       step_normalization=step_normalization,
       row_blocks=row_blocks,
+      warm_start=warm_start,
+      layouts=layouts,
     ),
     learning_rate,
     momentum=momentum,

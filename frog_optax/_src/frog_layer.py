@@ -37,6 +37,8 @@ def precondition_layer(
 ) -> dict[str, jax.Array]:
   """FROG's update of one layer: `u_j = z_j / √(⟨z_j, m_j⟩ + ε c_j²)` per row.
 
+  See :func:`solve_layer` (this is its update alone, CG from zero).
+
   `c_j = max |m_j|`: the solve runs on `m_j / c_j`, so that `u` does not
   depend on the scale of the loss even in float32, and ε is relative. A row
   whose Fisher has zero trace (a dead unit: all its sampled inputs or output
@@ -60,6 +62,45 @@ def precondition_layer(
 
   Returns:
     `u` with the structure and dtypes of `direction`.
+  """
+  u, _ = solve_layer(
+    layer_stats,
+    direction,
+    damping=damping,
+    cg_iters=cg_iters,
+    eps=eps,
+    solver=solver,
+    trace_normalization=trace_normalization,
+    step_normalization=step_normalization,
+    row_blocks=row_blocks,
+  )
+  return u
+
+
+def solve_layer(
+  layer_stats: stats_lib.LayerStats,
+  direction: dict[str, jax.Array],
+  *,
+  damping: Any,
+  cg_iters: int | jax.Array,
+  eps: Any,
+  solver: str = 'cg',
+  trace_normalization: bool = True,
+  step_normalization: bool = True,
+  row_blocks: str = 'exact',
+  init: dict[str, jax.Array] | None = None,
+) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
+  """FROG's update of one layer and the solve `z` behind it.
+
+  `precondition_layer` documents the arguments; `init` (CG only) is the
+  start of the CG, in the units of `direction` (e.g. the previous step's
+  solution: the momentum changes slowly, so the same `k` iterations go
+  further from there).
+
+  Returns:
+    `(u, z)`: `u` with the structure and dtypes of `direction`; `z`, the
+    CG solution of `F̂ z = direction` in the solve dtype (the start of the
+    next step's solve).
   """
   validation.check_choice('solver', solver, SOLVERS)
   validation.check_choice('row_blocks', row_blocks, fisher.ROW_BLOCKS)
@@ -86,7 +127,9 @@ def precondition_layer(
     matvec = fisher.row_fisher_operator(
       layer_stats, m, damping, dtype, **curvature
     )
-    z = cg_lib.batched_cg(matvec, m, cg_iters, fisher.row_inner)
+    # The start is brought to the scale of the scaled rows, like `m`.
+    start = None if init is None else {k: init[k] / peaks for k in m}
+    z = cg_lib.batched_cg(matvec, m, cg_iters, fisher.row_inner, start)
   if step_normalization:
     # ⟨z, m⟩ > 0 in exact arithmetic (CG iterates of a PSD system); clip the
     # rounding so that the square root stays real.
@@ -94,7 +137,8 @@ def precondition_layer(
     scale = jax.lax.rsqrt(zm + eps)
   else:
     scale = peaks
-  return {k: (z[k] * scale).astype(direction[k].dtype) for k in direction}
+  u = {k: (z[k] * scale).astype(direction[k].dtype) for k in direction}
+  return u, {k: z[k] * peaks for k in direction}
 
 
 class RankDeficientFisherWarning(UserWarning):
