@@ -56,17 +56,39 @@ class OptimizerSpec:
   build: Callable[[nn.Module, optax.Schedule, tasks_lib.Task], trainers.Trainer]
 
 
-def _frog(model, lr, task):
-  tx = fo.frog(
-    lr,
+def frog_build(
+  sample_size: int = FROG_SAMPLE_SIZE,
+  exclude: tuple[str, ...] | None = None,
+  schedule: Callable[[optax.Schedule], optax.Schedule] | None = None,
+  **options,
+):
+  """The benchmark's FROG, with any of its settings changed.
+
+  Args:
+    sample_size: s of the capture.
+    exclude: the modules on the fallback (`None`: the task's).
+    schedule: `protocol schedule -> schedule` to use instead (e.g. with a
+      warm-up); `None` keeps the protocol's cosine decay.
+    **options: `fo.frog` arguments that replace the benchmark's.
+  """
+  settings = dict(
     momentum=0.9,
     weight_decay=WEIGHT_DECAY,
     damping=1e-3,
     cg_iters=FROG_CG_ITERS,
-    exclude=task.frog_exclude,
     other_lr_ratio=1.0,
   )
-  return trainers.optax_trainer(model, tx, sample_size=FROG_SAMPLE_SIZE)
+  settings.update(options)
+
+  def build(model, lr, task):
+    tx = fo.frog(
+      schedule(lr) if schedule else lr,
+      exclude=task.frog_exclude if exclude is None else exclude,
+      **settings,
+    )
+    return trainers.optax_trainer(model, tx, sample_size=sample_size)
+
+  return build
 
 
 def _sgd(model, lr, task):
@@ -131,18 +153,6 @@ def _family(alias, **options):
   return build
 
 
-def _frog_ablation(**switches):
-  return _family(
-    fo.frog,
-    momentum=0.9,
-    weight_decay=WEIGHT_DECAY,
-    damping=1e-3,
-    cg_iters=FROG_CG_ITERS,
-    other_lr_ratio=1.0,
-    **switches,
-  )
-
-
 OPTIMIZERS: dict[str, OptimizerSpec] = {}
 
 
@@ -161,7 +171,7 @@ register(
     f' k={FROG_CG_ITERS}, wd {WEIGHT_DECAY}; head on the fallback SGD at the'
     ' same lr',
     FROG_GRID,
-    _frog,
+    frog_build(),
   )
 )
 register(
@@ -249,7 +259,7 @@ for _name, _switch, _grid in (
       _name,
       f'fo.frog ablation {_switch}; otherwise as frog',
       _grid,
-      _frog_ablation(**_switch),
+      frog_build(**_switch),
     )
   )
 

@@ -11,8 +11,15 @@
 
 Training wall-clock counts steps only: compilation happens in a warm-up
 before the clock starts, and evaluation is excluded.
+
+A long task runs in pieces: with a `pieces` folder, each optimizer's sweep
+and seeds are written there as soon as they finish and reused by a later
+call, so an interrupted run resumes where it stopped; the step costs are
+always measured afresh, all optimizers interleaved in one process.
 """
 
+import json
+import os
 import time
 from typing import Any
 
@@ -45,8 +52,12 @@ def build(task, spec, data, learning_rate, seed, total_steps):
   return model, trainer, init, (x, y)
 
 
-def train_run(task, spec, data, learning_rate, seed, desc=''):
-  """One training run; returns its history and summary numbers."""
+def train_run(task, spec, data, learning_rate, seed, desc='', final_only=False):
+  """One training run; returns its history and summary numbers.
+
+  `final_only` evaluates only before the first and after the last step
+  (the sweep compares final accuracies only).
+  """
   steps_per_epoch = len(data.y_train) // task.batch_size
   total_steps = steps_per_epoch * task.num_epochs
   model, trainer, init, (x, y) = build(
@@ -69,7 +80,7 @@ def train_run(task, spec, data, learning_rate, seed, desc=''):
     batch_size=task.batch_size,
     num_epochs=task.num_epochs,
     seed=seed,
-    eval_every=task.eval_every,
+    eval_every=total_steps if final_only else task.eval_every,
     evaluate=lambda state: accuracy(
       trainer.variables(state), data.x_test, data.y_test
     ),
@@ -92,7 +103,15 @@ def sweep(task, spec, data):
   """Learning-rate sweep on the validation split; returns trials and pick."""
   val = tasks_lib.validation_split(data)
   trials = [
-    train_run(task, spec, val, lr, seed=0, desc=f'{spec.name} lr={lr:g}')
+    train_run(
+      task,
+      spec,
+      val,
+      lr,
+      seed=0,
+      desc=f'{spec.name} lr={lr:g}',
+      final_only=True,
+    )
     for lr in spec.learning_rates
   ]
   scores = [t['final_accuracy'] for t in trials]
@@ -178,37 +197,72 @@ def aggregate(seed_runs, targets) -> dict[str, Any]:
   )
 
 
-def run_task(task, specs, data, seeds, timing_rounds, learning_rates=None):
-  """Sweep (unless `learning_rates` is given), seeds, costs: the task's JSON."""
+def run_optimizer(task, spec, data, seeds, learning_rate=None):
+  """One optimizer's sweep (unless `learning_rate` is given) and seeds."""
+  entry = dict(description=spec.description, grid=list(spec.learning_rates))
+  if learning_rate is None:
+    entry['sweep'] = sweep(task, spec, data)
+    learning_rate = entry['sweep']['chosen_learning_rate']
+  else:
+    entry['sweep'] = None
+  entry['learning_rate'] = learning_rate
+  entry['seed_runs'] = [
+    train_run(
+      task, spec, data, learning_rate, seed, desc=f'{spec.name} seed {seed}'
+    )
+    for seed in seeds
+  ]
+  entry['summary'] = aggregate(entry['seed_runs'], task.targets)
+  return entry
+
+
+def _piece_matches(entry, spec, seeds) -> bool:
+  """A saved piece is reused only for the same grid and seeds."""
+  return entry['grid'] == list(spec.learning_rates) and [
+    r['seed'] for r in entry['seed_runs']
+  ] == list(seeds)
+
+
+def run_task(
+  task, specs, data, seeds, timing_rounds, learning_rates=None, pieces=None
+):
+  """Sweep (unless `learning_rates` is given), seeds, costs: the task's JSON.
+
+  Args:
+    task: the task.
+    specs: the optimizers.
+    data: the task's data.
+    seeds: seeds of the final runs.
+    timing_rounds: rounds of the interleaved step timer.
+    learning_rates: `{optimizer: rate}` that skip the sweep.
+    pieces: a folder for one JSON per optimizer, written when it finishes
+      and reused when present (same grid and seeds), so that a long task
+      runs over several calls.
+  """
   result = dict(task=task.name, description=task.description, optimizers={})
-  chosen = {}
   for spec in specs:
-    entry = dict(description=spec.description, grid=list(spec.learning_rates))
-    if learning_rates and spec.name in learning_rates:
-      entry['sweep'] = None
-      chosen[spec.name] = learning_rates[spec.name]
-    else:
-      entry['sweep'] = sweep(task, spec, data)
-      chosen[spec.name] = entry['sweep']['chosen_learning_rate']
-    entry['learning_rate'] = chosen[spec.name]
-    entry['seed_runs'] = [
-      train_run(
-        task,
-        spec,
-        data,
-        chosen[spec.name],
-        seed,
-        desc=f'{spec.name} seed {seed}',
+    path = pieces and os.path.join(pieces, f'{spec.name}.json')
+    entry = None
+    if path and os.path.exists(path):
+      with open(path) as f:
+        entry = json.load(f)
+      if not _piece_matches(entry, spec, seeds):
+        entry = None
+    if entry is None:
+      entry = run_optimizer(
+        task, spec, data, seeds, (learning_rates or {}).get(spec.name)
       )
-      for seed in seeds
-    ]
-    entry['summary'] = aggregate(entry['seed_runs'], task.targets)
+      if path:
+        os.makedirs(pieces, exist_ok=True)
+        with open(path, 'w') as f:
+          json.dump(entry, f, indent=1)
     result['optimizers'][spec.name] = entry
     print(
-      f'{task.name} {spec.name}: lr {chosen[spec.name]:g}, test accuracy'
+      f'{task.name} {spec.name}: lr {entry["learning_rate"]:g}, test accuracy'
       f' {entry["summary"]["final_accuracy_mean"]:.4f}'
       f' ± {entry["summary"]["final_accuracy_std"]:.4f}'
     )
+  chosen = {n: e['learning_rate'] for n, e in result['optimizers'].items()}
   costs = step_costs(task, specs, data, chosen, timing_rounds)
   for name, c in costs.items():
     result['optimizers'][name]['cost'] = c

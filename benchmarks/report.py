@@ -42,10 +42,14 @@ def load_censuses(folder: str) -> list[dict]:
   return [r for r in _results(folder) if r.get('kind') == 'step_census']
 
 
-def _fmt_target(t) -> str:
+def _fmt_target(t, step_seconds: float) -> str:
+  """Median steps, seconds, and steps × the interleaved step time."""
   if t['reached'] == 0:
     return f'never (0/{t["of"]})'
-  cell = f'{t["steps_median"]:.0f} / {t["seconds_median"]:.1f}s'
+  cell = (
+    f'{t["steps_median"]:.0f} / {t["seconds_median"]:.1f}s'
+    f' / {t["steps_median"] * step_seconds:.1f}s'
+  )
   return (
     cell if t['reached'] == t['of'] else f'{cell} ({t["reached"]}/{t["of"]})'
   )
@@ -55,7 +59,7 @@ def task_table(result: dict) -> str:
   targets = result['targets']
   header = (
     ['optimizer', 'lr', 'test accuracy']
-    + [f'to {a:.0%}: steps / s' for a in targets]
+    + [f'to {a:.0%}: steps / s / steps×step' for a in targets]
     + [
       'step ms: median / mean',
       '× SGD',
@@ -76,7 +80,10 @@ def task_table(result: dict) -> str:
         name,
         lr,
         f'{s["final_accuracy_mean"]:.4f} ± {s["final_accuracy_std"]:.4f}',
-        *(_fmt_target(s['to_target'][str(a)]) for a in targets),
+        *(
+          _fmt_target(s['to_target'][str(a)], c['step_seconds'])
+          for a in targets
+        ),
         f'{c["step_seconds"] * 1e3:.1f} / {c["step_seconds_mean"] * 1e3:.1f}',
         '-' if ratio is None else f'{ratio:.2f}',
         f'{c["compile_seconds"]:.1f}',
@@ -110,12 +117,14 @@ def sweep_table(result: dict) -> str:
   return '\n'.join(lines)
 
 
-def _band(runs, x_key, grid):
-  """Seeds' accuracy on a common x grid (last evaluation at or before x)."""
+def _band(runs, x_key, grid, y_key='test_accuracy'):
+  """Seeds' `y_key` on a common x grid (last evaluation at or before x)."""
   curves = []
   for run in runs:
     xs = np.array([h[x_key] for h in run['history']])
-    acc = np.array([h['test_accuracy'] for h in run['history']])
+    acc = np.array(
+      [np.nan if h[y_key] is None else h[y_key] for h in run['history']]
+    )
     idx = np.searchsorted(xs, grid, side='right') - 1
     curves.append(np.where(idx >= 0, acc[np.maximum(idx, 0)], np.nan))
   curves = np.array(curves)
@@ -123,28 +132,40 @@ def _band(runs, x_key, grid):
 
 
 def plot_task(result: dict, path: str | None = None):
-  """Draws the task figure; saves it to `path`, or returns it when None."""
+  """Draws the task figure; saves it to `path`, or returns it when None.
+
+  Test accuracy (top) and training loss (bottom, the batch loss at each
+  evaluation) against training wall-clock (left) and steps (right).
+  """
   import matplotlib.pyplot as plt  # noqa: PLC0415
 
-  fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
-  for ax, key, label in (
-    (axes[0], 'train_seconds', 'training wall-clock (s, evaluation excluded)'),
-    (axes[1], 'step', 'steps'),
+  fig, axes = plt.subplots(2, 2, figsize=(12, 8.4))
+  for column, (key, label) in enumerate(
+    (
+      ('train_seconds', 'training wall-clock (s, evaluation excluded)'),
+      ('step', 'steps'),
+    )
   ):
-    for name, r in result['optimizers'].items():
-      runs = r['seed_runs']
-      end = max(run['history'][-1][key] for run in runs)
-      grid = np.linspace(0, end, 300)
-      mean, lo, hi = _band(runs, key, grid)
-      (line,) = ax.plot(grid, mean, label=name)
-      ax.fill_between(grid, lo, hi, color=line.get_color(), alpha=0.2)
-    for a in result['targets']:
-      ax.axhline(a, color='grey', lw=0.6, ls=':')
-    ax.set_ylim(min(result['targets']) - 0.1, 1.0)
-    ax.set_xlabel(label)
-    ax.set_ylabel('test accuracy')
-    ax.grid(alpha=0.3)
-    ax.legend(loc='lower right')
+    for row, y_key in enumerate(('test_accuracy', 'train_loss')):
+      ax = axes[row, column]
+      for name, r in result['optimizers'].items():
+        runs = r['seed_runs']
+        end = max(run['history'][-1][key] for run in runs)
+        grid = np.linspace(0, end, 300)
+        mean, lo, hi = _band(runs, key, grid, y_key)
+        (line,) = ax.plot(grid, mean, label=name)
+        ax.fill_between(grid, lo, hi, color=line.get_color(), alpha=0.2)
+      if y_key == 'test_accuracy':
+        for a in result['targets']:
+          ax.axhline(a, color='grey', lw=0.6, ls=':')
+        ax.set_ylim(min(result['targets']) - 0.1, 1.0)
+        ax.legend(loc='lower right')
+      else:
+        ax.set_yscale('log')
+        ax.legend(loc='upper right')
+      ax.set_xlabel(label)
+      ax.set_ylabel(y_key.replace('_', ' '))
+      ax.grid(alpha=0.3)
   fig.suptitle(
     f'{result["task"]}: mean of {len(result["seeds"])} seeds, band = min-max'
     f' ({result["machine"]["processor"]})'
@@ -233,7 +254,9 @@ def render(folder: str, image_prefix: str = '', draw: bool = False) -> str:
       f' {env["optax"]}, kfac-jax {env.get("kfac_jax")}. Command:'
       f' `{_shown_command(result["command"])}`. Steps / seconds are'
       ' medians over the seeds'
-      ' that reached the target (count shown when not all did); "(edge)":'
+      ' that reached the target (count shown when not all did), and'
+      ' steps×step is those steps times the interleaved median step time'
+      ' (the least noisy wall-clock figure); "(edge)":'
       ' the chosen learning rate is at the end of its grid. Memory: the'
       " optimizer state, and XLA's memory plan of the jitted step"
       ' (arguments + temporaries; n/a for kfac-jax, which compiles its own'

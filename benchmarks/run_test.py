@@ -234,3 +234,58 @@ def test_committed_results_record_no_absolute_paths():
   for command in commands:
     absolute = [a for a in command.split() if a.startswith('/') or '=/' in a]
     assert not absolute, command
+
+
+def _write_fashion_like(path, num_train=320, num_test=128):
+  rng = np.random.default_rng(0)
+  np.savez(
+    path,
+    train_images=rng.integers(0, 256, (num_train, 28, 28), np.uint8),
+    train_labels=rng.integers(0, 10, num_train).astype(np.uint8),
+    test_images=rng.integers(0, 256, (num_test, 28, 28), np.uint8),
+    test_labels=rng.integers(0, 10, num_test).astype(np.uint8),
+  )
+
+
+def test_fashion_task_runs_in_pieces_on_data_of_its_shape(
+  tmp_path, monkeypatch
+):
+  data = tmp_path / 'fashion_mnist.npz'
+  _write_fashion_like(data)
+  argv = ['--suite', 'smoke', '--tasks', 'fashion_convnet', '--data', str(data)]
+  argv += ['--optimizers', 'frog,sgd', '--out', str(tmp_path / 'out')]
+  (path,) = run.main(argv)
+  with open(path) as f:
+    first = json.load(f)
+  task = tasks.get('fashion_convnet')
+  assert first['targets'] == list(task.targets)
+  assert 'not the official test split' in first['description']
+  grid = run.SUITES['smoke'].grid_size
+  frog = first['optimizers']['frog']
+  assert frog['grid'] == list(task.grids['frog'][:grid])  # the task's grid
+  assert first['optimizers']['sgd']['grid'] == list(
+    optimizers.get('sgd').learning_rates[:grid]
+  )
+  pieces = os.path.join(os.path.dirname(path), 'pieces', 'fashion_convnet')
+  assert sorted(os.listdir(pieces)) == ['frog.json', 'sgd.json']
+
+  # A second call trains nothing: it reuses the pieces, and only the step
+  # costs are measured again.
+  def no_training(*args, **kwargs):
+    raise AssertionError('a finished piece was trained again')
+
+  monkeypatch.setattr(protocol, 'train_run', no_training)
+  (path,) = run.main(argv)
+  with open(path) as f:
+    second = json.load(f)
+  for name in ('frog', 'sgd'):
+    a, b = first['optimizers'][name], second['optimizers'][name]
+    assert a['seed_runs'] == b['seed_runs'] and a['sweep'] == b['sweep']
+    assert b['cost']['step_seconds'] > 0
+
+
+def test_a_task_without_its_data_file_is_skipped(tmp_path, capsys):
+  argv = ['--suite', 'smoke', '--tasks', 'fashion_convnet', '--out']
+  argv += [str(tmp_path), '--data', str(tmp_path / 'absent.npz')]
+  assert run.main(argv) == []
+  assert 'skipping fashion_convnet' in capsys.readouterr().out

@@ -22,6 +22,37 @@ def test_mnist10k_split_and_standardisation(tmp_path):
   assert data.num_classes == 10
 
 
+def write_fashion_like(path, num_train=600, num_test=100, seed=0):
+  """A tiny file with the keys, dtypes and image shape of fashion_mnist.npz."""
+  rng = np.random.default_rng(seed)
+  labels = lambda n: np.sort(rng.integers(0, 10, n)).astype(np.uint8)
+  np.savez(
+    path,
+    train_images=rng.integers(0, 256, (num_train, 28, 28), np.uint8),
+    train_labels=labels(num_train),  # sorted: the loader must permute
+    test_images=rng.integers(0, 256, (num_test, 28, 28), np.uint8),
+    test_labels=labels(num_test),
+  )
+
+
+def test_fashion_mnist_keeps_the_file_split_and_permutes_train(tmp_path):
+  path = tmp_path / 'fashion_mnist.npz'
+  write_fashion_like(path)
+  with np.load(path) as raw:
+    train_labels, test_labels = raw['train_labels'], raw['test_labels']
+  data = data_lib.load('fashion_mnist', str(path))
+  assert data.x_train.shape == (600, 28, 28, 1)
+  assert data.x_test.shape == (100, 28, 28, 1)
+  np.testing.assert_array_equal(data.y_test, test_labels)  # untouched
+  # The same training examples, in one fixed shuffled order.
+  np.testing.assert_array_equal(np.sort(data.y_train), train_labels)
+  assert not np.array_equal(data.y_train, train_labels)
+  again = data_lib.load('fashion_mnist', str(path))
+  np.testing.assert_array_equal(again.x_train, data.x_train)
+  assert abs(data.x_train.mean()) < 1e-3
+  assert abs(data.x_train.std() - 1) < 1e-3
+
+
 def test_digits_is_split_80_20():
   data = data_lib.load('digits')
   assert len(data.y_train) == 1437 and len(data.y_test) == 360
@@ -33,6 +64,8 @@ def test_digits_is_split_80_20():
   [
     ('mnist10k', None, 'needs a data path'),
     ('mnist10k', '/nonexistent/mnist10k.npz', 'not found'),
+    ('fashion_mnist', None, 'needs a data path'),
+    ('fashion_mnist', '/nonexistent/fashion_mnist.npz', 'not found'),
     ('cifar', None, 'dataset must be one of'),
   ],
 )

@@ -80,3 +80,22 @@ class ResNet18(nn.Module):
         )(x, train)
     x = x.mean(axis=(1, 2))
     return nn.Dense(self.num_classes, dtype=self.dtype, name='head')(x)
+
+
+class ResNet20(ResNet18):
+  """CIFAR ResNet-20 (He et al. 2016, section 4.2): about 0.27M parameters.
+
+  Three stages of three basic blocks (16, 32, 64 channels), the same stem,
+  BatchNorm and 1x1 projection shortcuts as :class:`ResNet18`.
+
+  Example:
+    >>> import jax
+    >>> model = ResNet20(num_classes=10)
+    >>> x = jax.numpy.zeros((2, 28, 28, 1))
+    >>> variables = model.init(jax.random.key(0), x)
+    >>> model.apply(variables, x, train=False).shape
+    (2, 10)
+  """
+
+  stage_features: Sequence[int] = (16, 32, 64)
+  blocks_per_stage: int = 3

@@ -222,9 +222,9 @@ def test_value_and_grad_exclude_skips_the_capture():
   with pytest.raises(ValueError, match=r"'first' \(Conv: excluded from"):
     tx.update(grads, tx.init(params), params, frog_stats=stats)
   tx = fo.frog(0.1, exclude='first')
-  _, _, stats_tx = fo.linen.value_and_grad(
-    loss_fn, sample_size=2, exclude=tx
-  )(params)
+  _, _, stats_tx = fo.linen.value_and_grad(loss_fn, sample_size=2, exclude=tx)(
+    params
+  )
   chex.assert_trees_all_equal(stats_tx, stats)
   table = fo.describe(params, stats, tx)
   first = next(r for r in table.splitlines() if r.startswith('first'))
