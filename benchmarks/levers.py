@@ -50,7 +50,6 @@ def variants(total_steps: int) -> dict[str, tuple[str, dict]]:
     's=16': ('half the Fisher sample', dict(sample_size=s // 2)),
     's=64': ('twice the Fisher sample', dict(sample_size=2 * s)),
     'k=2': ('half the CG iterations', dict(cg_iters=k // 2)),
-    'k=8': ('twice the CG iterations', dict(cg_iters=2 * k)),
     'warm start': (
       "CG from the previous step's solution (one more matvec)",
       dict(warm_start=True),
@@ -199,6 +198,7 @@ def main(argv=None) -> dict:
   names = args.variants.split(',') if args.variants else None
   result = dict(
     record.environment(),
+    kind='levers',
     task=task.name,
     description=task.description,
     learning_rate=lr,

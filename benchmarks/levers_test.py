@@ -6,6 +6,7 @@ import pytest
 
 from benchmarks import levers
 from benchmarks import optimizers
+from benchmarks import report
 
 
 def test_levers_train_on_validation_and_time_every_variant(tmp_path):
@@ -23,6 +24,7 @@ def test_levers_train_on_validation_and_time_every_variant(tmp_path):
   text = (tmp_path / 'levers_smoke.md').read_text()
   assert '| k=2 | half the CG iterations |' in text
   assert result['verdicts']['k=2'].startswith(('within', 'better', 'worse'))
+  assert report.load(str(tmp_path)) == ([], [])  # not read as a task
 
 
 def test_variants_change_one_setting_each():

@@ -32,7 +32,7 @@ def _results(folder: str) -> list[dict]:
 def load(folder: str) -> tuple[list[dict], list[dict]]:
   """`(task results, step-cost results)` of the JSON files in `folder`."""
   results = _results(folder)
-  tasks = [r for r in results if 'task' in r]
+  tasks = [r for r in results if 'task' in r and 'kind' not in r]
   costs = [r for r in results if r.get('kind') == 'step_cost']
   return tasks, costs
 
