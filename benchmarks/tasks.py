@@ -131,6 +131,22 @@ def subsample(
   )
 
 
+def _fashion_task(name: str, net: str, make_model) -> Task:
+  """One epoch of Fashion-MNIST at batch 128 for the net `make_model`."""
+  return Task(
+    name=name,
+    description=f'{FASHION_NOTE}; {net}',
+    dataset='fashion_mnist',
+    make_model=make_model,
+    batch_size=128,
+    num_epochs=1,
+    eval_every=40,
+    targets=FASHION_TARGETS,
+    data_file=FASHION_MNIST_FILE,
+    grids=FASHION_GRIDS,
+  )
+
+
 TASKS = {
   'mnist10k': Task(
     name='mnist10k',
@@ -149,35 +165,17 @@ TASKS = {
   # Time to accuracy on real data where optimizers separate: the main job's
   # conv-BN net and a ResNet-20, one epoch each (a ResNet-20 step costs
   # ~0.5 s on 2 CPU cores).
-  'fashion_convnet': Task(
-    name='fashion_convnet',
-    description=(
-      f'{FASHION_NOTE}; conv(32)-BN-relu, conv(64, s2)-BN-relu,'
-      ' conv(64, s2)-BN-relu, global average pool, linear head'
-    ),
-    dataset='fashion_mnist',
-    make_model=lambda n: models.ConvNet((32, 64, 64), n),
-    batch_size=128,
-    num_epochs=1,
-    eval_every=40,
-    targets=FASHION_TARGETS,
-    data_file=FASHION_MNIST_FILE,
-    grids=FASHION_GRIDS,
+  'fashion_convnet': _fashion_task(
+    'fashion_convnet',
+    'conv(32)-BN-relu, conv(64, s2)-BN-relu, conv(64, s2)-BN-relu, global'
+    ' average pool, linear head',
+    lambda n: models.ConvNet((32, 64, 64), n),
   ),
-  'fashion_resnet20': Task(
-    name='fashion_resnet20',
-    description=(
-      f'{FASHION_NOTE}; ResNet-20 (3 stages of 3 basic blocks, 16/32/64'
-      ' channels, BatchNorm, 1x1 projection shortcuts)'
-    ),
-    dataset='fashion_mnist',
-    make_model=lambda n: resnet.ResNet20(num_classes=n),
-    batch_size=128,
-    num_epochs=1,
-    eval_every=40,
-    targets=FASHION_TARGETS,
-    data_file=FASHION_MNIST_FILE,
-    grids=FASHION_GRIDS,
+  'fashion_resnet20': _fashion_task(
+    'fashion_resnet20',
+    'ResNet-20 (3 stages of 3 basic blocks, 16/32/64 channels, BatchNorm,'
+    ' 1x1 projection shortcuts)',
+    lambda n: resnet.ResNet20(num_classes=n),
   ),
   'mnist1d': Task(
     name='mnist1d',

@@ -3,6 +3,8 @@
 python -m examples.compare.main --workdir=/tmp/frog_compare
 python -m examples.compare.main --config=examples/compare/configs/mnist1d.py
 python -m examples.compare.main --data=../shared/data/mnist10k.npz
+python -m examples.compare.main --config=examples/compare/configs/fashion.py \
+  --config.data_path=path/to/fashion_mnist.npz
 """
 
 from absl import app
