@@ -1,4 +1,4 @@
-"""CIFAR-10 ResNet-18 training: FROG or the seed's baselines, with resume.
+"""CIFAR-10 ResNet-18 training: FROG or the original FROG's baselines, with resume.
 
 `train_and_evaluate(config, workdir)` writes, under `workdir`:
 - `metrics.json`: per epoch the train loss, test accuracy, cumulative train
@@ -44,7 +44,7 @@ def make_model(config: ml_collections.ConfigDict) -> resnet.ResNet18:
 
 
 def learning_rate_schedule(config, steps_per_epoch: int) -> optax.Schedule:
-  """The seed's step schedule: ×0.1 at each of `lr_drop_epochs`."""
+  """The original FROG's step schedule: ×0.1 at each of `lr_drop_epochs`."""
   return optax.piecewise_constant_schedule(
     config.learning_rate,
     {int(e * steps_per_epoch): 0.1 for e in config.lr_drop_epochs},
