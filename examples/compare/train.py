@@ -152,8 +152,8 @@ ROUTING_TITLE = """Which parameters FROG preconditions (fo.describe):
   layer is damped by damping + rank_damping·D/samples."""
 
 
-def print_frog_routing(model, variables, data, config):
-  """Shows which parameters FROG preconditions, with a legend."""
+def frog_routing(model, variables, data, config) -> str:
+  """Which parameters FROG preconditions, with a legend (printed, kept)."""
   _, _, stats = fo.linen.value_and_grad(
     make_loss(model), sample_size=config.frog.sample_size, has_aux=True
   )(
@@ -162,8 +162,10 @@ def print_frog_routing(model, variables, data, config):
     jnp.asarray(data.x_train[: config.batch_size]),
     jnp.asarray(data.y_train[: config.batch_size]),
   )
-  print(ROUTING_TITLE)
-  print(fo.describe(variables['params'], stats, tuple(config.frog.exclude)))
+  table = fo.describe(variables['params'], stats, tuple(config.frog.exclude))
+  text = f'{ROUTING_TITLE}\n\n```\n{table}\n```'
+  print(text)
+  return text
 
 
 def train_and_evaluate(
@@ -189,8 +191,9 @@ def train_and_evaluate(
     for seed in seeds
   }
   print(f'{data.name}: train {data.x_train.shape}, test {data.x_test.shape}')
+  routing = None
   if 'frog' in config.optimizers:
-    print_frog_routing(model, inits[seeds[0]], data, config)
+    routing = frog_routing(model, inits[seeds[0]], data, config)
 
   seed_runs = {name: [] for name in config.optimizers}
   for seed, variables in inits.items():
@@ -206,6 +209,7 @@ def train_and_evaluate(
     config=config.to_dict(),
     num_seeds=len(seeds),
     step_seconds=interleaved_step_times(first, x, y, config.timing_rounds),
+    routing=routing,
   )
   results['optimizers'] = {
     name: aggregate(runs, config.target_accuracies)
@@ -221,6 +225,9 @@ def write_outputs(results: dict[str, Any], workdir: str) -> None:
   results['verdict'] = verdict_lib.verdict(results, targets)
   text = f'{report.summary_table(results, targets)}\n\n{results["verdict"]}'
   print(text)
+  if results.get('routing'):
+    text = f'{results["routing"]}\n\n{text}'
+
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, 'results.json'), 'w') as f:
     json.dump(results, f, indent=1, default=str)
