@@ -1,5 +1,6 @@
 """frog_optax: FROG (Fisher ROw-wise preconditioninG) for JAX/Optax/Flax."""
 
+from frog_optax import jax
 from frog_optax import linen
 from frog_optax import nnx
 from frog_optax._src.adafisher import AdaFisherLayerState
@@ -56,6 +57,7 @@ __all__ = (
   'foof',
   'frog',
   'frog_param_labels',
+  'jax',
   'kfrog',
   'linen',
   'nnx',

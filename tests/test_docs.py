@@ -12,8 +12,13 @@ DOCS = pathlib.Path(__file__).resolve().parents[1] / 'docs'
 
 
 def _public_names():
-  names = [f'frog_optax.{n}' for n in fo.__all__ if n not in ('linen', 'nnx')]
-  for module in (fo.linen, fo.nnx):
+  modules = (fo.jax, fo.linen, fo.nnx)
+  names = [
+    f'frog_optax.{n}'
+    for n in fo.__all__
+    if n not in {m.__name__.rpartition('.')[2] for m in modules}
+  ]
+  for module in modules:
     names += [
       f'{module.__name__}.{n}' for n in module.__all__ if not n.isupper()
     ]
@@ -43,7 +48,7 @@ def test_docs_build_without_warnings(tmp_path):
 
 def test_public_signatures_read_as_written():
   # help(fo.frog) shows `optax.ScalarOrSchedule`, not its expanded Union.
-  for module in (fo, fo.linen, fo.nnx):
+  for module in (fo, fo.jax, fo.linen, fo.nnx):
     for name in module.__all__:
       obj = getattr(module, name)
       if callable(obj) and not isinstance(obj, type):

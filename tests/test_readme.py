@@ -10,7 +10,8 @@ README = (pathlib.Path(__file__).resolve().parents[1] / 'README.md').read_text()
 
 def test_quickstarts_run_as_written_and_train():
   blocks = re.findall(r'```python\n(.*?)```', README, re.S)
-  assert len(blocks) == 2  # linen, then NNX (which reuses x, y and optax)
+  # linen, then NNX and any-JAX (which reuse x, y and optax)
+  assert len(blocks) == 3
   scope = {}
   exec(blocks[0], scope)  # noqa: S102
   first = float(scope['loss'])
@@ -27,6 +28,9 @@ def test_quickstarts_run_as_written_and_train():
   exec(blocks[1], scope)  # noqa: S102
   assert np.isfinite(float(scope['loss']))
   assert int(scope['optimizer'].step[...]) == 1
+  exec(blocks[2], scope)  # noqa: S102
+  assert scope['stats']['w'].layout.bias_path == 'b'
+  assert np.all(np.asarray(scope['updates']['w']) != 0)
 
 
 def test_readme_is_short_and_has_no_outside_paths_or_internal_words():

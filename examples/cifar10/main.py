@@ -1,4 +1,4 @@
-"""CIFAR-10 ResNet-18 with FROG or the original FROG's baselines.
+"""CIFAR-10 ResNet-18 with FROG or FROG's own baselines.
 
 python -m examples.cifar10.main --workdir=workdir/cifar10_frog \
   --config=examples/cifar10/configs/frog_bs512.py

@@ -1,4 +1,4 @@
-"""CIFAR-10 ResNet-18 training: FROG or the original FROG's baselines, with resume.
+"""CIFAR-10 ResNet-18 training: FROG or FROG's own baselines, with resume.
 
 `train_and_evaluate(config, workdir)` writes, under `workdir`:
 - `metrics.json`: per epoch the train loss, test accuracy, cumulative train

@@ -217,7 +217,7 @@ def _adafisher(
   # Without factors the released code divides by 1: the same chain, with no
   # preconditioning.
   fallback = chain([]) if fallback is None else fallback
-  return routing.route(preconditioned, fallback, exclude)
+  return routing.route(preconditioned, fallback, exclude, layouts)
 
 
 def adafisher(

@@ -129,12 +129,15 @@ def heavy_ball_optimizer(
   other_lr_ratio: float | None,
   default_other_lr_ratio: float,
   mu_dtype: Any,
+  layouts: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   """momentum → `scale_by` → decoupled weight decay → learning rate.
 
   The alias shape of FROG, K-FROG and FOOF. Parameters `scale_by` does not
   own go to `fallback`, by default the reference's momentum SGD at
-  `learning_rate * other_lr_ratio` with coupled weight decay.
+  `learning_rate * other_lr_ratio` with coupled weight decay. `layouts`
+  (those given to `scale_by`) also name the layers of models that are not
+  Flax modules.
   """
   check_common(learning_rate, weight_decay)
   validation.check_range(
@@ -162,4 +165,4 @@ def heavy_ball_optimizer(
     optax.add_decayed_weights(weight_decay, weight_decay_mask),
     optax.scale_by_learning_rate(learning_rate),
   )
-  return routing.route(preconditioned, fallback, exclude)
+  return routing.route(preconditioned, fallback, exclude, layouts)

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from frog_optax._src import fisher
-from frog_optax._src import layouts
+from frog_optax._src import layouts as layouts_lib
 from frog_optax._src import routing
 from frog_optax._src import stats as stats_lib
 
@@ -18,67 +18,111 @@ def _row_size(leaves, layer_stats) -> int:
   if layer_stats is None:
     return fisher.row_dimension(leaves)
   layout = layer_stats.layout
-  shape = layouts.row_stacked_kernel_shape(np.shape(leaves['kernel']), layout)
+  shape = layouts_lib.row_stacked_kernel_shape(
+    np.shape(leaves['kernel']), layout
+  )
   if shape is None:  # stats of other parameters: the update will say so
     return fisher.row_dimension(leaves)
   return math.prod(shape[layout.stacked_axes : -1]) + ('bias' in leaves)
 
 
+def _leaf_uncaptured(stats) -> dict[str, stats_lib.UncapturedLayer]:
+  return stats_lib.stats_by_path(stats, stats_lib.UncapturedLayer)
+
+
+def _entry(name, leaves, route, why):
+  return {
+    'module': name or '/',
+    'parameters': ', '.join(
+      f'{leaf}{tuple(np.shape(v))}' for leaf, v in sorted(leaves.items())
+    ),
+    'route': route,
+    'why': why,
+    'row_size': None,
+    'samples': None,
+  }
+
+
 def describe_rows(
   params: Any, stats: Any, exclude: Any = ()
 ) -> list[dict[str, Any]]:
-  """One dict per module: path, shapes, route, row size D, Fisher samples.
+  """One dict per layer or module: path, shapes, route, row size D, samples.
 
   `samples` counts the (example, location) pairs behind each row's Fisher;
   when it is below D the row Fisher is rank-deficient and damping alone
-  bounds the step in the unseen directions.
+  bounds the step in the unseen directions. The routing is the optimizer's
+  (with its `layouts`) when `exclude` is an optimizer; else the layers are
+  those of `params` and of the stats.
   """
+  layouts = routing.layouts_of(exclude)
   exclude = routing.exclude_of(exclude)
-  chosen = set(routing.preconditioned_modules(params, exclude))
-  candidates = set(routing.preconditioned_modules(params))
+  if layouts is None:  # stats at kernel leaves name their layers
+    layouts = layouts_lib.layout_tree(stats)
+  table = routing.layer_table(params, layouts)
+  chosen = set(routing.preconditioned_modules(params, exclude, layouts))
   by_path = stats_lib.stats_by_path(stats)
-  uncaptured = stats_lib.stats_by_path(stats, stats_lib.UncapturedLayer)
+  uncaptured = _leaf_uncaptured(stats)
+  owned = {path for roles in table.values() for path in roles.values()}
+  layers = routing.layer_leaves(params, table)
   rows = []
-  for module, leaves in sorted(routing.module_leaves(params).items()):
-    entry = {
-      'module': module or '/',
-      'parameters': ', '.join(
-        f'{name}{tuple(np.shape(v))}' for name, v in sorted(leaves.items())
-      ),
-      'route': 'fallback',
-      'why': 'not a Dense/Conv kernel',
-      'row_size': None,
-      'samples': None,
+  for module, leaves in layers.items():
+    # Leaf-level layers show their own leaf names (e.g. weight, bias).
+    shown = {
+      table[module][role].rpartition('/')[2]: v for role, v in leaves.items()
     }
-    if module in candidates:
-      layer_stats = by_path.get(module)
-      entry['row_size'] = _row_size(leaves, layer_stats)
-      if layer_stats is not None:
-        entry['samples'] = layer_stats.num_samples
-      not_captured = uncaptured.get(module)
-      if not_captured is not None:
-        not_captured = (
-          f'not captured ({not_captured.layer_type}: {not_captured.reason})'
-        )
-      if module not in chosen:
-        entry['why'] = 'excluded' + (
-          f'; {not_captured}' if not_captured else ''
-        )
-      elif not_captured:
-        entry['route'] = 'ERROR'
-        entry['why'] = f'{not_captured}: update will fail unless excluded'
-      elif layer_stats is None:
-        entry['route'] = 'ERROR'
-        entry['why'] = 'no stats: update will fail'
-      else:
-        entry['route'] = 'frog'
-        entry['why'] = (
-          'rank-deficient Fisher (samples < D): rank_damping·D/samples applies'
-          if entry['samples'] < entry['row_size']
-          else ''
-        )
+    entry = _entry(module, shown, 'fallback', '')
+    layer_stats = by_path.get(module)
+    entry['row_size'] = _row_size(leaves, layer_stats)
+    if layer_stats is not None:
+      entry['samples'] = layer_stats.num_samples
+    not_captured = uncaptured.get(module)
+    if not_captured is not None:
+      not_captured = (
+        f'not captured ({not_captured.layer_type}: {not_captured.reason})'
+      )
+    if module not in chosen:
+      entry['why'] = 'excluded' + (f'; {not_captured}' if not_captured else '')
+    elif not_captured:
+      entry['route'] = 'ERROR'
+      entry['why'] = f'{not_captured}: update will fail unless excluded'
+    elif layer_stats is None:
+      entry['route'] = 'ERROR'
+      entry['why'] = 'no stats: update will fail'
+    else:
+      entry['route'] = 'frog'
+      entry['why'] = (
+        'rank-deficient Fisher (samples < D): rank_damping·D/samples applies'
+        if entry['samples'] < entry['row_size']
+        else ''
+      )
     rows.append(entry)
-  return rows
+  for module, leaves in routing.module_leaves(params).items():
+    rest = {
+      name: v
+      for name, v in leaves.items()
+      if routing.join_path(module, name) not in owned
+    }
+    if not rest:
+      continue
+    whole = uncaptured.get(module)
+    if whole is not None:
+      reasons = [f'not captured ({whole.layer_type}: {whole.reason})']
+    else:
+      reasons = [
+        f'{name}: not captured ({u.layer_type}: {u.reason})'
+        for name in sorted(rest)
+        for u in [uncaptured.get(routing.join_path(module, name))]
+        if u is not None
+      ]
+    rows.append(
+      _entry(
+        module,
+        rest,
+        'fallback',
+        '; '.join(reasons) or 'not a Dense/Conv kernel',
+      )
+    )
+  return sorted(rows, key=lambda r: r['module'])
 
 
 def describe(params: Any, stats: Any, exclude: Any = ()) -> str:

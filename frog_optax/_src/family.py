@@ -22,7 +22,6 @@ import jax.numpy as jnp
 import optax
 
 from frog_optax._src import layouts as layouts_lib
-from frog_optax._src import paths
 from frog_optax._src import routing
 from frog_optax._src import scopes
 from frog_optax._src import stats as stats_lib
@@ -149,16 +148,8 @@ def _stats_of(chosen, frog_stats) -> dict[str, stats_lib.LayerStats]:
   return by_path
 
 
-def _replace_modules(tree: Any, new_leaves: dict[str, RowParams]) -> Any:
-  """`tree` with the leaves of the modules in `new_leaves` replaced."""
-
-  def replace(path, leaf):
-    module, name = paths.module_and_leaf(path)
-    if module in new_leaves:
-      return new_leaves[module][name]
-    return leaf
-
-  return jax.tree_util.tree_map_with_path(replace, tree)
+def _owned_leaves(table: dict[str, dict[str, str]]) -> set[str]:
+  return {path for roles in table.values() for path in roles.values()}
 
 
 def scale_by_row_preconditioner(
@@ -203,12 +194,14 @@ def scale_by_row_preconditioner(
     ([0.5, 0.5], 1)
   """
 
-  def chosen_modules(modules):
-    return [
-      m
-      for m in routing.row_layers(modules)
+  def chosen_layers(tree):
+    """`{layer: {role: leaf path}}` of the layers this optimizer owns."""
+    table = routing.layer_table(tree, layouts)
+    return {
+      m: roles
+      for m, roles in table.items()
       if not routing.is_excluded(m, exclude)
-    ]
+    }
 
   def init_module(name, leaves, layout):
     """The member's state of one module, in its row-stacked form."""
@@ -223,13 +216,13 @@ def scale_by_row_preconditioner(
     )
 
   def init_fn(params):
-    routing.preconditioned_modules(params, exclude)  # validates `exclude`
-    modules = routing.module_leaves(params)
-    chosen = chosen_modules(modules)
-    validation.check_float_params(params, set(chosen))
+    routing.preconditioned_modules(params, exclude, layouts)  # checks exclude
+    table = chosen_layers(params)
+    modules = routing.layer_leaves(params, table)
+    validation.check_float_params(params, _owned_leaves(table))
     init_layouts = layouts_lib.layouts_by_path(layouts, params)
     layers = {}
-    for m in chosen:
+    for m in table:
       layout = init_layouts.get(m, stats_lib.ParamLayout())
       layer_state = init_module(m, modules[m], layout)
       if layer_state is not None:
@@ -265,13 +258,13 @@ def scale_by_row_preconditioner(
 
   def update_fn(updates, state, params=None, *, frog_stats=_MISSING, **extra):
     del params, extra
-    modules = routing.module_leaves(updates)
-    chosen = chosen_modules(modules)
-    by_path = _stats_of(chosen, frog_stats)
-    validation.check_float_params(updates, set(chosen))
+    table = chosen_layers(updates)
+    modules = routing.layer_leaves(updates, table)
+    by_path = _stats_of(list(table), frog_stats)
+    validation.check_float_params(updates, _owned_leaves(table))
     init_layouts = layouts_lib.layouts_by_path(layouts, updates)
     new_leaves, layers = {}, dict(state.layers)
-    for m in chosen:
+    for m in table:
       init_layout = init_layouts.get(m, stats_lib.ParamLayout())
       check_module(m, modules[m], by_path[m], state, init_layout)
       new_leaves[m], layer_state = update_module(
@@ -282,7 +275,7 @@ def scale_by_row_preconditioner(
     new_state = RowPreconditionerState(
       count=optax.safe_increment(state.count), layers=layers
     )
-    return _replace_modules(updates, new_leaves), new_state
+    return routing.replace_layers(updates, table, new_leaves), new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

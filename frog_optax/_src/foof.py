@@ -275,4 +275,5 @@ def foof(
     other_lr_ratio=other_lr_ratio,
     default_other_lr_ratio=1.0,
     mu_dtype=mu_dtype,
+    layouts=layouts,
   )

@@ -317,4 +317,5 @@ def frog(
     other_lr_ratio=other_lr_ratio,
     default_other_lr_ratio=0.25,
     mu_dtype=mu_dtype,
+    layouts=layouts,
   )

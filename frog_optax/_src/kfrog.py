@@ -186,4 +186,5 @@ def kfrog(
     other_lr_ratio=other_lr_ratio,
     default_other_lr_ratio=1.0,
     mu_dtype=mu_dtype,
+    layouts=layouts,
   )

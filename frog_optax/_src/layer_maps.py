@@ -63,7 +63,7 @@ class DenseMap:
   y_batch_axis: int = 0
 
 
-def _layout(num_in, num_out, kernel_perm=None) -> stats_lib.ParamLayout:
+def kernel_layout(num_in, num_out, kernel_perm=None) -> stats_lib.ParamLayout:
   if kernel_perm == tuple(range(len(kernel_perm or ()))):
     kernel_perm = None
   if num_in == 1 and num_out == 1 and kernel_perm is None:
@@ -98,7 +98,7 @@ def dense_general_map(
     num_input_axes=len(axis),
     y_perm=tuple(range(y_ndim)),
     num_output_axes=num_features,
-    layout=_layout(len(axis), num_features),
+    layout=kernel_layout(len(axis), num_features),
   )
 
 
@@ -151,7 +151,7 @@ def einsum_map(
     y_perm=tuple(moved.index(c) for c in samples + outputs),
     num_output_axes=len(outputs),
     y_batch_axis=batch,
-    layout=_layout(
+    layout=kernel_layout(
       len(contracted),
       len(outputs),
       tuple(kernel.index(c) for c in contracted + outputs),

@@ -27,6 +27,11 @@ def _permuted_kernel_shape(shape, layout: stats_lib.ParamLayout):
   return shape[:k] + tuple(shape[k + p] for p in perm)
 
 
+def _is_identity(layout: stats_lib.ParamLayout) -> bool:
+  """Whether the module's parameters already are in the row-stacked form."""
+  return layout.num_input_axes is None and layout.kernel_perm is None
+
+
 def _full_perm(layout: stats_lib.ParamLayout) -> tuple[int, ...]:
   k = layout.stacked_axes
   return tuple(range(k)) + tuple(k + p for p in layout.kernel_perm)
@@ -40,10 +45,10 @@ def row_stacked_kernel_shape(
   inner_ndim = len(shape) - k
   if inner_ndim < 2:
     return None
-  if n_in is None:
-    return tuple(shape)
   if layout.kernel_perm is not None and len(layout.kernel_perm) != inner_ndim:
     return None
+  if n_in is None:
+    return _permuted_kernel_shape(tuple(shape), layout)
   if not 0 < n_in < inner_ndim:
     return None
   inner = _permuted_kernel_shape(shape, layout)[k:]
@@ -54,7 +59,7 @@ def to_row_stacked(
   leaves: RowParams, layout: stats_lib.ParamLayout
 ) -> RowParams:
   """`{'kernel', 'bias'?}` as `(*stack, ..., rows)` and `(*stack, rows)`."""
-  if layout.num_input_axes is None:
+  if _is_identity(layout):
     return dict(leaves)
   k = layout.stacked_axes
   kernel = leaves['kernel']
@@ -62,12 +67,12 @@ def to_row_stacked(
     kernel = jnp.transpose(kernel, _full_perm(layout))
   stack, inner = kernel.shape[:k], kernel.shape[k:]
   n_in = layout.num_input_axes
-  out = {
-    'kernel': kernel.reshape(
+  if n_in is not None:
+    kernel = kernel.reshape(
       stack + (math.prod(inner[:n_in]), math.prod(inner[n_in:]))
     )
-  }
-  if 'bias' in leaves:
+  out = {'kernel': kernel}
+  if 'bias' in leaves:  # e.g. an Equinox Conv2d bias (rows, 1, 1)
     out['bias'] = leaves['bias'].reshape(stack + (-1,))
   return out
 
@@ -76,7 +81,7 @@ def from_row_stacked(
   row_stacked: RowParams, layout: stats_lib.ParamLayout, like: RowParams
 ) -> RowParams:
   """Inverse of :func:`to_row_stacked`, with the shapes of `like`."""
-  if layout.num_input_axes is None:
+  if _is_identity(layout):
     return dict(row_stacked)
   kernel_shape = like['kernel'].shape
   kernel = row_stacked['kernel'].reshape(
@@ -114,6 +119,16 @@ def _is_layout_leaf(x: Any) -> bool:
   )
 
 
+def _resolve(layouts: Any, params: Any) -> Any:
+  """The layouts tree: `layouts(params)` for a function, else `layouts`.
+
+  A callable pytree (an Equinox module holding layouts) is a tree.
+  """
+  leaves = jax.tree_util.tree_leaves(layouts, is_leaf=_is_layout_leaf)
+  is_function = len(leaves) == 1 and leaves[0] is layouts
+  return layouts(params) if callable(layouts) and is_function else layouts
+
+
 def layouts_by_path(
   layouts: Any, params: Any
 ) -> dict[str, stats_lib.ParamLayout]:
@@ -128,7 +143,7 @@ def layouts_by_path(
   """
   if layouts is None:
     return {}
-  tree = layouts(params) if callable(layouts) else layouts
+  tree = _resolve(layouts, params)
   flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_layout_leaf)
   out = {}
   for path, leaf in flat:
@@ -139,10 +154,31 @@ def layouts_by_path(
   return out
 
 
-def layout_tree(stats: Any) -> Any:
-  """The `layouts` argument for the optimizers, from a (shape) stats tree."""
-  return jax.tree.map(
-    lambda s: s.layout if isinstance(s, stats_lib.LayerStats) else None,
-    stats,
-    is_leaf=_is_layout_leaf,
-  )
+def uncaptured_paths(layouts: Any, params: Any) -> set[str]:
+  """The paths that `layouts` mark as `UncapturedLayer` (fallback)."""
+  if layouts is None:
+    return set()
+  tree = _resolve(layouts, params)
+  flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_layout_leaf)
+  return {
+    paths.path_name(path)
+    for path, leaf in flat
+    if isinstance(leaf, stats_lib.UncapturedLayer)
+  }
+
+
+def layout_tree(stats: Any, keep_uncaptured: bool = False) -> Any:
+  """The `layouts` argument for the optimizers, from a (shape) stats tree.
+
+  With `keep_uncaptured`, `UncapturedLayer` entries stay (the optimizers
+  then send those layers to the fallback); else they become `None`.
+  """
+
+  def layout(s):
+    if isinstance(s, stats_lib.LayerStats):
+      return s.layout
+    if keep_uncaptured and isinstance(s, stats_lib.UncapturedLayer):
+      return s
+    return None
+
+  return jax.tree.map(layout, stats, is_leaf=_is_layout_leaf)

@@ -1,10 +1,13 @@
 """Which parameters a row preconditioner owns, and the fallback for the rest.
 
-The choice is made from the parameter tree alone (so `init` knows it): every
-module dict that holds exactly a `kernel` of rank >= 2 and optionally a
-`bias` of lower rank (Flax `Dense`, `Conv`, `DenseGeneral`, `Einsum`, and
-their `nn.scan` stacks), unless its path is excluded. Every member
-of the family (FROG, K-FROG, FOOF, AdaFisher) routes the same way.
+The choice is made before any stats are seen (so `init` knows it), from the
+parameter tree and the optimizer's `layouts`: every module dict that holds
+exactly a `kernel` of rank >= 2 and optionally a `bias` of lower rank (Flax
+`Dense`, `Conv`, `DenseGeneral`, `Einsum`, and their `nn.scan` stacks),
+plus every layer the `layouts` place at a kernel leaf of their own (models
+that are not Flax modules, captured by `frog_optax.jax`), unless its path is
+excluded or the `layouts` mark it as not captured. Every member of the
+family (FROG, K-FROG, FOOF, AdaFisher) routes the same way.
 """
 
 from __future__ import annotations
@@ -15,7 +18,9 @@ from typing import Any
 import jax
 import optax
 
+from frog_optax._src import layouts as layouts_lib
 from frog_optax._src import paths
+from frog_optax._src import stats as stats_lib
 from frog_optax._src import validation
 
 PRECONDITIONED = 'frog'
@@ -51,19 +56,85 @@ def is_excluded(module: str, exclude: Sequence[str]) -> bool:
   return any(module == e or module.startswith(e + '/') for e in exclude)
 
 
-def row_layers(modules: dict[str, dict[str, Any]]) -> list[str]:
-  """The sorted paths of the Dense/Conv-like modules among `modules`."""
-  return sorted(m for m, leaves in modules.items() if _is_row_layer(leaves))
+def join_path(module: str, name: str) -> str:
+  return f'{module}/{name}' if module else name
+
+
+def layer_table(tree: Any, layouts: Any = None) -> dict[str, dict[str, str]]:
+  """The layers a row preconditioner can own: `{layer: {role: leaf path}}`.
+
+  A layer is a `kernel` and maybe a `bias`, named by '/'-joined leaf paths.
+  A Flax module dict is one layer named by its module path; a layer of a
+  model that is not made of Flax modules is named by its kernel's leaf
+  path, with the bias path its `ParamLayout` gives. A module the `layouts`
+  mark as an `UncapturedLayer` is not a layer (it goes to the fallback).
+
+  Args:
+    tree: the parameter (or update) tree.
+    layouts: the optimizer's `layouts` (see
+      :func:`frog_optax.scale_by_row_preconditioner`).
+  """
+  leaves = {
+    paths.path_name(paths.param_path(p)): leaf
+    for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+  }
+  by_path = layouts_lib.layouts_by_path(layouts, tree)
+  refused = layouts_lib.uncaptured_paths(layouts, tree)
+  table = {
+    m: {name: join_path(m, name) for name in module}
+    for m, module in module_leaves(tree).items()
+    if _is_row_layer(module) and m not in refused
+  }
+  for name, layout in by_path.items():
+    if name in leaves and getattr(leaves[name], 'ndim', 0) >= 2:
+      table[name] = {'kernel': name}
+      if layout.bias_path is not None and layout.bias_path in leaves:
+        table[name]['bias'] = layout.bias_path
+  return dict(sorted(table.items()))
+
+
+def layer_leaves(tree: Any, table: dict[str, dict[str, str]]) -> dict:
+  """`{layer: {'kernel': leaf, 'bias'?: leaf}}` of the layers in `table`."""
+  leaves = {
+    paths.path_name(paths.param_path(p)): leaf
+    for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+  }
+  return {
+    layer: {role: leaves[path] for role, path in roles.items()}
+    for layer, roles in table.items()
+  }
+
+
+def replace_layers(
+  tree: Any, table: dict[str, dict[str, str]], new: dict[str, dict]
+) -> Any:
+  """`tree` with the leaves of the layers in `new` replaced."""
+  by_leaf = {
+    path: new[layer][role]
+    for layer in new
+    for role, path in table[layer].items()
+  }
+  return jax.tree_util.tree_map_with_path(
+    lambda p, leaf: by_leaf.get(paths.path_name(paths.param_path(p)), leaf),
+    tree,
+  )
+
+
+def row_layers(tree: Any, layouts: Any = None) -> list[str]:
+  """The sorted names of the Dense/Conv-like layers of `tree`."""
+  return list(layer_table(tree, layouts))
 
 
 def preconditioned_modules(
-  params: Any, exclude: Sequence[str] = ()
+  params: Any, exclude: Sequence[str] = (), layouts: Any = None
 ) -> list[str]:
   """The '/'-joined paths of the modules FROG preconditions in `params`.
 
   Args:
     params: a parameter tree.
     exclude: module paths (or path prefixes) routed to the fallback instead.
+    layouts: the optimizer's `layouts`, which also name the layers of
+      models that are not Flax modules (see :mod:`frog_optax.jax`).
 
   Returns:
     Sorted module paths.
@@ -80,7 +151,7 @@ def preconditioned_modules(
     ['conv']
   """
   exclude = validation.normalize_paths('exclude', exclude)
-  candidates = row_layers(module_leaves(params))
+  candidates = row_layers(params, layouts)
   unmatched = [
     e for e in exclude if not any(is_excluded(m, (e,)) for m in candidates)
   ]
@@ -93,38 +164,80 @@ def preconditioned_modules(
   return [m for m in candidates if not is_excluded(m, exclude)]
 
 
-def frog_param_labels(params: Any, exclude: Sequence[str] = ()) -> Any:
+def frog_param_labels(
+  params: Any, exclude: Sequence[str] = (), layouts: Any = None
+) -> Any:
   """Labels every leaf `'frog'` (preconditioned) or `'fallback'`.
 
   Suitable for `optax.partition`; the same labels serve every member of the
   family.
   """
-  chosen = set(preconditioned_modules(params, exclude))
+  table = layer_table(params, layouts)
+  owned = {
+    path
+    for layer in preconditioned_modules(params, exclude, layouts)
+    for path in table[layer].values()
+  }
   return jax.tree_util.tree_map_with_path(
-    lambda path, _: (
-      PRECONDITIONED if paths.module_and_leaf(path)[0] in chosen else FALLBACK
+    lambda p, _: (
+      PRECONDITIONED
+      if paths.path_name(paths.param_path(p)) in owned
+      else FALLBACK
     ),
     params,
   )
 
 
-def _cast_to_param_dtypes() -> optax.GradientTransformation:
+def _check_stats_owned(updates, frog_stats, exclude, layouts) -> None:
+  """Stats at a kernel leaf that the routing does not own are an error.
+
+  Such stats come from a model that is not made of Flax modules; without
+  `layouts` that name its layers, the optimizer would silently send them to
+  the fallback.
+  """
+  leaves = {
+    paths.path_name(paths.param_path(p))
+    for p, _ in jax.tree_util.tree_flatten_with_path(updates)[0]
+  }
+  owned = set(layer_table(updates, layouts))
+  stray = [
+    m
+    for m in stats_lib.stats_by_path(frog_stats)
+    if m in leaves and m not in owned and not is_excluded(m, exclude)
+  ]
+  if stray:
+    raise ValueError(
+      f'frog_stats has LayerStats for {stray[:10]}, which this optimizer'
+      ' does not precondition: they sit at kernel leaves (a model that is'
+      ' not made of Flax modules), whose layers the optimizer learns from'
+      ' its layouts. Build it with layouts=fo.jax.layouts(loss_fn, params,'
+      ' ...), or exclude them.'
+    )
+
+
+def _cast_to_param_dtypes(
+  exclude: Sequence[str], layouts: Any
+) -> optax.GradientTransformationExtraArgs:
   """Returns updates in the parameter dtypes (momentum may be wider).
 
   Integer parameters are refused at `init`: the cast would truncate every
-  update to zero.
+  update to zero. It sees the whole tree, so it also refuses stats of
+  layers the routing does not own (:func:`_check_stats_owned`).
   """
 
   def init_fn(params):
     validation.check_float_params(params)
     return optax.EmptyState()
 
-  def update_fn(updates, state, params=None):
+  def update_fn(updates, state, params=None, *, frog_stats=None, **extra):
+    del extra
+    if frog_stats is not None:
+      _check_stats_owned(updates, frog_stats, exclude, layouts)
     if params is None:
       return updates, state
     return jax.tree.map(lambda u, p: u.astype(p.dtype), updates, params), state
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 class RoutedTransformation(optax.GradientTransformationExtraArgs):
@@ -135,6 +248,14 @@ class RoutedTransformation(optax.GradientTransformationExtraArgs):
   """
 
   exclude: tuple[str, ...]
+  layouts: Any
+
+
+def layouts_of(optimizer: Any) -> Any:
+  """The `layouts` an optimizer of this library was built with, or `None`."""
+  if hasattr(optimizer, 'tx') and not isinstance(optimizer, (str, tuple)):
+    optimizer = optimizer.tx  # nnx.Optimizer
+  return getattr(optimizer, 'layouts', None)
 
 
 def exclude_of(routing_or_exclude: Any) -> tuple[str, ...]:
@@ -162,11 +283,13 @@ def route(
   preconditioned: optax.GradientTransformation,
   fallback: optax.GradientTransformation,
   exclude: Sequence[str],
+  layouts: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Sends preconditioned modules to one chain and the rest to `fallback`.
 
   The result returns updates in the parameter dtypes. `exclude` is applied
-  here, so `preconditioned` never sees excluded layers.
+  here, so `preconditioned` never sees excluded layers; `layouts` name the
+  layers of models that are not Flax modules.
   """
   if not isinstance(fallback, optax.GradientTransformation):
     raise ValueError(
@@ -175,10 +298,11 @@ def route(
   chained = optax.chain(
     optax.partition(
       {PRECONDITIONED: preconditioned, FALLBACK: fallback},
-      lambda params: frog_param_labels(params, exclude),
+      lambda params: frog_param_labels(params, exclude, layouts),
     ),
-    _cast_to_param_dtypes(),
+    _cast_to_param_dtypes(exclude, layouts),
   )
   routed = RoutedTransformation(chained.init, chained.update)
   routed.exclude = tuple(exclude)
+  routed.layouts = layouts
   return routed

@@ -34,12 +34,19 @@ class ParamLayout:
       Conv); else the kernel, after `kernel_perm`, is `(*inputs, *outputs)`
       with this many input axes, and is flattened to `(D_in, rows)`.
     kernel_perm: axis order (after the stacked axes) that brings the kernel
-      to `(*inputs, *outputs)`; `None` when it already is.
+      to `(*inputs, *outputs)` (or, with `num_input_axes=None`, to the
+      channels-last `(*window, c_in, rows)` of a convolution, e.g. from an
+      Equinox `(rows, c_in, *window)` weight); `None` when it already is.
+    bias_path: for a layer whose parameters are not a `{'kernel', 'bias'}`
+      module dict (captured by :func:`frog_optax.jax.value_and_grad`, where
+      the stats sit at the kernel's own leaf), the '/'-joined path of its
+      bias leaf; `None` for no bias.
   """
 
   stacked_axes: int = 0
   num_input_axes: int | None = None
   kernel_perm: tuple[int, ...] | None = None
+  bias_path: str | None = None
 
   @property
   def is_row_stacked(self) -> bool:

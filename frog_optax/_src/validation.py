@@ -162,21 +162,21 @@ def check_cg_iters(cg_iters):
     )
 
 
-def check_float_params(tree: Any, modules: Any = None) -> None:
+def check_float_params(tree: Any, leaves: Any = None) -> None:
   """Refuses integer (or other non-float) parameters, naming them.
 
   Args:
     tree: parameters (or updates).
-    modules: only check leaves of these module paths (default: all).
+    leaves: only check these '/'-joined leaf paths (default: all).
   """
   bad = []
   for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-    module, name = paths.module_and_leaf(path)
+    name = paths.path_name(paths.param_path(path))
     dtype = getattr(leaf, 'dtype', None)
-    if modules is not None and module not in modules:
+    if leaves is not None and name not in leaves:
       continue
     if dtype is not None and not jnp.issubdtype(dtype, jnp.inexact):
-      bad.append(f'{module}/{name}: {dtype}')
+      bad.append(f'{name}: {dtype}')
   if bad:
     raise ValueError(
       'frog_optax optimizers update floating-point parameters only; got'

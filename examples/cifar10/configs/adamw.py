@@ -1,4 +1,4 @@
-"""AdamW, batch 128, lr 1e-3, decoupled wd 5e-4 (not in the original FROG's table)."""
+"""AdamW, batch 128, lr 1e-3, decoupled wd 5e-4 (not in FROG's own table)."""
 
 from examples.cifar10.configs import default
 

@@ -1,7 +1,7 @@
 """The original FROG run: CIFAR-10 ResNet-18, batch 512, s = 64, k = 4.
 
-Every other config starts from this one. The schedule is the original FROG run's: 160
-epochs, learning rate ×0.1 at epochs 80 and 120 (ALGORITHM.md §6).
+Every other config starts from this one. The schedule is the original
+run's: 160 epochs, learning rate ×0.1 at epochs 80 and 120.
 """
 
 import ml_collections
@@ -18,7 +18,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.weight_decay = 1e-5
   config.seed = 0
 
-  # FROG (the original FROG's table: s64, k4, head excluded, fallback lr ratio 1.0).
+  # FROG (the original table: s64, k4, head excluded, fallback lr ratio 1).
   config.sample_size = 64
   config.cg_iters = 4
   config.damping = 1e-6

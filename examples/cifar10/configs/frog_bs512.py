@@ -1,4 +1,4 @@
-"""FROG, batch 512, s = 64, k = 4, lr 0.01, wd 1e-5 (the original FROG's headline)."""
+"""FROG, batch 512, s = 64, k = 4, lr 0.01, wd 1e-5 (FROG's own headline)."""
 
 from examples.cifar10.configs import default
 
