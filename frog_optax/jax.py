@@ -13,12 +13,13 @@ give the value, the gradients (those of `jax.value_and_grad`) and the FROG
 stats.
 
 Nothing is guessed: a leaf used by any other op (a norm scale, an
-embedding, a weight tied between two matmuls, a weight inside
-`lax.scan`, `lax.cond` or a custom-derivative function), or in a matmul
-the row form cannot express, gets an :class:`frog_optax.UncapturedLayer`
-with the reason, goes to the fallback, and :func:`frog_optax.describe`
-names it. The walk enters `jax.jit` calls and `jax.checkpoint` (which stays
-a checkpoint).
+embedding, a weight tied between two matmuls or constant across the steps
+of a `lax.scan`, a weight inside `lax.cond` or a custom-derivative
+function), or in a matmul the row form cannot express, gets an
+:class:`frog_optax.UncapturedLayer` with the reason, goes to the fallback,
+and :func:`frog_optax.describe` names it. The walk enters `jax.jit` calls,
+`jax.checkpoint` (which stays a checkpoint) and `lax.scan`, where a weight
+scanned over is a stack of layers (stacked stats, as for `nn.scan`).
 
 The optimizer learns these layers from its `layouts`:
 `fo.frog(..., layouts=fo.jax.layouts(loss_fn, params, *batch))`.
@@ -189,7 +190,8 @@ def value_and_grad(
     discovery = jaxpr_capture.Pass(found, sample_size, rng)
     jax_lib.eval_shape(lambda p: run(p, None, discovery), leaves)
     zeros = {
-      k: jnp.zeros(s.shape, s.dtype) for k, s in discovery.shapes.items()
+      k: jnp.zeros((*_stack(found, k), *s.shape), s.dtype)
+      for k, s in discovery.shapes.items()
     }
     capture = jaxpr_capture.Pass(found, sample_size, rng)
     (loss, (aux, inputs)), (leaf_grads, output_grads) = jax_lib.value_and_grad(
@@ -202,6 +204,11 @@ def value_and_grad(
     return value, grads, stats
 
   return wrapped
+
+
+def _stack(found, key) -> tuple[int, ...]:
+  """The leading layer axis of a tap inside a `lax.scan` over layers."""
+  return (found.stacked[key],) if key in found.stacked else ()
 
 
 def _stats(params, leaf_paths, found, capture, inputs, output_grads) -> Any:

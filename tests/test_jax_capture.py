@@ -420,3 +420,39 @@ def test_axis_name_gathers_the_samples_of_every_replica():
       gathered.output_grads[r],
       jnp.concatenate([e.output_grads for e in each]),
     )
+
+
+def test_scan_over_stacked_layers_matches_the_unrolled_layers():
+  key = jax.random.key(18)
+  k = jax.random.split(key, 3)
+  stacked = {
+    'k': 0.5 * jax.random.normal(k[0], (3, 4, 4)),
+    'b': 0.1 * jax.random.normal(k[1], (3, 4)),
+  }
+  x = jax.random.normal(k[2], (B, 4))
+
+  def scanned(p, x):
+    body = lambda h, w: (jnp.tanh(h @ w['k'] + w['b']), None)
+    return jnp.sin(jax.lax.scan(body, x, p)[0]).sum()
+
+  def unrolled(p, x):
+    for i in range(3):
+      x = jnp.tanh(x @ p[f'k{i}'] + p[f'b{i}'])
+    return jnp.sin(x).sum()
+
+  layers = {f'{n}{i}': stacked[n][i] for n in ('k', 'b') for i in range(3)}
+  _, stats, update, layouts = _ours(scanned, stacked, x)
+  _, want_stats, want_update, _ = _ours(unrolled, layers, x)
+  assert stats['k'].layout == fo.ParamLayout(stacked_axes=1, bias_path='b')
+  assert layouts['k'].stacked_axes == 1
+  for i in range(3):
+    got = stats['k']
+    want = want_stats[f'k{i}']
+    chex.assert_trees_all_close(got.inputs[i], want.inputs, rtol=1e-12)
+    chex.assert_trees_all_close(
+      got.output_grads[i], want.output_grads, rtol=1e-12
+    )
+    for n in ('k', 'b'):
+      chex.assert_trees_all_close(
+        update[n][i], want_update[f'{n}{i}'], rtol=1e-10
+      )

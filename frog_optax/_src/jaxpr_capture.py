@@ -85,8 +85,50 @@ def evaluate(jaxpr, consts, args, run: Pass, inputs: dict, prefix=()):
   return [read(v) for v in jaxpr.outvars]
 
 
+def _enter_scan(eqn, invals, run: Pass, inputs: dict, key):
+  """A `lax.scan` over stacked layers: per-step taps, stacked records."""
+  p = eqn.params
+  body = p['jaxpr']
+  n_fixed = p['num_consts'] + p['num_carry']
+  consts, carry = invals[: p['num_consts']], invals[p['num_consts'] : n_fixed]
+  xs = invals[n_fixed:]
+  inside = [k for k in run.found.taps if k[: len(key)] == key]
+  stacked = (
+    None
+    if run.perturbations is None
+    else {k: run.perturbations[k] for k in inside}
+  )
+
+  def step(carry, sliced):
+    x_slices, perturbations = sliced
+    per_step = dataclasses.replace(run, perturbations=perturbations)
+    recorded = {}
+    outs = evaluate(
+      body.jaxpr,
+      body.consts,
+      [*consts, *carry, *x_slices],
+      per_step,
+      recorded,
+      key,
+    )
+    return outs[: p['num_carry']], (outs[p['num_carry'] :], recorded)
+
+  carry, (ys, recorded) = jax.lax.scan(
+    step,
+    carry,
+    (xs, stacked),
+    length=p['length'],
+    reverse=p['reverse'],
+    unroll=p['unroll'],
+  )
+  inputs.update(recorded)
+  return [*carry, *ys]
+
+
 def _enter(eqn, invals, run: Pass, inputs: dict, key):
-  """A call or checkpoint that holds taps, evaluated by `evaluate`."""
+  """A call, checkpoint or scan that holds taps, evaluated by `evaluate`."""
+  if eqn.primitive.name == 'scan':
+    return _enter_scan(eqn, invals, run, inputs, key)
   sub, consts = jaxpr_match.sub_jaxpr(eqn)
   if eqn.primitive.name not in jaxpr_match.REMATS:
     return evaluate(sub, consts, invals, run, inputs, key)

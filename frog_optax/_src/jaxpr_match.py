@@ -9,9 +9,11 @@ outputs (themselves through reshapes and transposes only) along the output
 features: that is checked on index arrays, not assumed. Everything else is
 not captured, with the reason: a leaf used by another op, by two matmuls,
 inside a loop or a custom-derivative function, or a matmul the row form
-cannot express (a batched kernel, no batch axis to sample from).
+cannot express (a batched kernel, no batch axis to sample from), or a
+constant of a scan (the same weights at every step).
 
-The walk looks into `jit` and `jax.checkpoint` calls; the capture
+The walk looks into `jit`, `jax.checkpoint` and `lax.scan` (a leaf the scan
+runs over is a stack of layers, one per step); the capture
 (`jaxpr_capture`) then re-evaluates the same jaxpr with a tap on the output
 of every matched op.
 """
@@ -64,13 +66,20 @@ def sub_jaxpr(eqn) -> tuple[Any, tuple[Any, ...]] | None:
 
 @dataclasses.dataclass(frozen=True)
 class View:
-  """A parameter leaf seen through view ops: its index and the ops."""
+  """A parameter leaf seen through view ops: its index and the ops.
+
+  Inside a `lax.scan` body, `stacked` is the scan length when the leaf is
+  scanned over (one slice per step: a stack of layers), and `shared` says
+  that the leaf is a constant of the scan (the same weights at every step).
+  """
 
   leaf: int
   eqns: tuple[Any, ...] = ()
+  stacked: int | None = None
+  shared: bool = False
 
   def then(self, eqn) -> View:
-    return View(self.leaf, self.eqns + (eqn,))
+    return dataclasses.replace(self, eqns=self.eqns + (eqn,))
 
   def kernel_perm(self) -> tuple[int, ...] | None:
     """`perm[a]` = the leaf axis behind axis `a`, if only moved/cast."""
@@ -142,6 +151,8 @@ class Match:
     biases: `{kernel leaf index: bias leaf index}`.
     refused: `{leaf index: UncapturedLayer}` of the leaves not captured.
     nested: op-key prefixes of the calls that hold a tap.
+    stacked: `{op key: scan length}` of the taps inside a `lax.scan` over
+      stacked layers (their perturbations and stats gain that leading axis).
   """
 
   taps: dict[tuple[int, ...], Any] = dataclasses.field(default_factory=dict)
@@ -151,6 +162,7 @@ class Match:
     default_factory=dict
   )
   nested: set[tuple[int, ...]] = dataclasses.field(default_factory=set)
+  stacked: dict[tuple[int, ...], int] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -176,6 +188,7 @@ class _Walk:
   out_avals: dict[tuple[int, ...], Any] = dataclasses.field(
     default_factory=dict
   )
+  stacked: dict[tuple[int, ...], int] = dataclasses.field(default_factory=dict)
 
   def use(self, leaf, kind, detail):
     self.uses.setdefault(leaf, []).append((kind, detail))
@@ -293,12 +306,19 @@ def _walk(jaxpr, in_views: dict[int, View], walk: _Walk, prefix) -> None:
       make = _dense_tap if name == 'dot_general' else _conv_tap
       tap = make(eqn, k, perm)
       walk.use(view.leaf, 'op', key)
+      if view.shared:
+        tap = (
+          'it is used at every step of a lax.scan (the same weights in every'
+          ' step are not split between the steps)'
+        )
       if isinstance(tap, str):
         walk.tap_refusals[key] = tap
       else:
         walk.taps[key] = tap
         walk.outputs[eqn.outvars[0]] = (key, ())
         walk.out_avals[key] = eqn.outvars[0].aval
+        if view.stacked is not None:
+          walk.stacked[key] = view.stacked
       continue
     if name == 'add' and len(viewed) == 1:
       other = outs[1 - viewed[0]]
@@ -308,6 +328,9 @@ def _walk(jaxpr, in_views: dict[int, View], walk: _Walk, prefix) -> None:
         walk.use(view.leaf, 'bias', op)
         walk.bias_adds.setdefault(op, []).append((view.leaf, view, chain))
         continue
+    if name == 'scan' and viewed:
+      _walk_scan(eqn, ins, viewed, walk, key)
+      continue
     inner = sub_jaxpr(eqn)
     if inner is not None and viewed:
       sub, _ = inner
@@ -323,6 +346,26 @@ def _walk(jaxpr, in_views: dict[int, View], walk: _Walk, prefix) -> None:
       walk.use(ins[i].leaf, 'other', _other_use(name))
 
 
+def _walk_scan(eqn, ins, viewed, walk: _Walk, key) -> None:
+  """A `lax.scan`: leaves scanned over are stacks of layers (as `nn.scan`)."""
+  p = eqn.params
+  num_consts, num_carry = p['num_consts'], p['num_carry']
+  body_views = {}
+  for i in viewed:
+    view = ins[i]
+    if view.stacked is not None or view.shared:
+      walk.use(view.leaf, 'other', 'it is used inside nested lax.scans')
+    elif i < num_consts:
+      body_views[i] = dataclasses.replace(view, shared=True)
+    elif i < num_consts + num_carry:
+      walk.use(view.leaf, 'other', 'it is a lax.scan carry')
+    elif not view.only({'convert_element_type', 'copy'}):
+      walk.use(view.leaf, 'other', 'it is reshaped before a lax.scan')
+    else:
+      body_views[i] = View(view.leaf, (), stacked=int(p['length']))
+  _walk(p['jaxpr'].jaxpr, body_views, walk, key)
+
+
 def _other_use(name: str) -> str:
   if name in ('scan', 'while', 'cond'):
     return f'it is used inside a {name} (the capture does not enter loops)'
@@ -336,6 +379,12 @@ def _other_use(name: str) -> str:
 def _probe_bias(walk: _Walk, op, tap, bias_view: View, out_chain, leaf_shape):
   """Whether the bias, through its views, adds one entry per output row."""
   aval = walk.out_avals[op]
+  if (bias_view.stacked is None) != (op not in walk.stacked):
+    return False  # one of them is a stack of layers, the other not
+  if bias_view.stacked is not None:
+    if bias_view.stacked != walk.stacked[op]:
+      return False
+    leaf_shape = leaf_shape[1:]  # one layer of the stack
   if int(np.prod(leaf_shape)) != tap.rows:
     return False
   with jax.ensure_compile_time_eval():
@@ -431,4 +480,5 @@ def match(jaxpr, num_leaves: int) -> Match:
         'jax', 'it is added to the outputs of a layer that is not captured'
       )
   found.nested = {op[:i] for op in found.taps for i in range(1, len(op))}
+  found.stacked = {op: n for op, n in walk.stacked.items() if op in found.taps}
   return found
