@@ -54,6 +54,25 @@ def _ours(loss_fn, params, *args):
   return grads, stats, _frog_update(params, grads, stats, layouts), layouts
 
 
+def _assert_trains(loss_fn, params, x, y, learning_rate=0.3, steps=8):
+  """A few jitted FROG steps with the any-JAX capture lower the loss."""
+  tx = fo.frog(learning_rate, layouts=fo.jax.layouts(loss_fn, params, x, y))
+  capture = fo.jax.value_and_grad(loss_fn, sample_size=S)
+
+  @jax.jit
+  def step(params, state):
+    loss, grads, stats = capture(params, x, y)
+    updates, state = tx.update(grads, state, params, frog_stats=stats)
+    return optax.apply_updates(params, updates), state, loss
+
+  state = tx.init(params)
+  losses = []
+  for _ in range(steps):
+    params, state, loss = step(params, state)
+    losses.append(float(loss))
+  assert losses[-1] < 0.7 * losses[0]
+
+
 def _assert_same_stats(got, want):
   chex.assert_trees_all_close(got.inputs, want.inputs, rtol=1e-12)
   chex.assert_trees_all_close(got.output_grads, want.output_grads, rtol=1e-12)
@@ -96,6 +115,7 @@ def test_plain_dict_mlp_matches_flax_dense():
     chex.assert_trees_all_close(
       update[ours], want_update[layer][theirs], rtol=1e-10
     )
+  _assert_trains(loss_fn, params, x, y)
 
 
 def _eqx_params(model):
@@ -133,6 +153,7 @@ def test_equinox_mlp_matches_flax_dense():
     chex.assert_trees_all_close(
       update.layers[i].bias, want_update[layer]['bias'], rtol=1e-10
     )
+  _assert_trains(loss_fn, params, x, y)
 
 
 class FlaxCNN(nn.Module):
@@ -246,6 +267,7 @@ def test_raw_flax_kernel_with_jnp_dot_matches_flax_dense():
       want_update[f'Dense_{i}']['kernel'],
       rtol=1e-10,
     )
+  _assert_trains(loss_fn, params, x, y)
 
 
 def test_equinox_cnn_trains_under_jit():
@@ -257,21 +279,7 @@ def test_equinox_cnn_trains_under_jit():
   def loss_fn(p, x, y):
     return _xent(jax.vmap(eqx.combine(p, static))(x), y)
 
-  tx = fo.frog(0.3, layouts=fo.jax.layouts(loss_fn, params, x, y))
-  capture = fo.jax.value_and_grad(loss_fn, sample_size=S)
-
-  @jax.jit
-  def step(params, state):
-    loss, grads, stats = capture(params, x, y)
-    updates, state = tx.update(grads, state, params, frog_stats=stats)
-    return optax.apply_updates(params, updates), state, loss
-
-  state = tx.init(params)
-  losses = []
-  for _ in range(8):
-    params, state, loss = step(params, state)
-    losses.append(float(loss))
-  assert losses[-1] < 0.7 * losses[0]
+  _assert_trains(loss_fn, params, x, y)
 
 
 def test_checkpoint_and_jit_calls_are_entered():
