@@ -25,6 +25,7 @@ Both start from all-ones factors, as the released code does.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 from typing import NamedTuple
@@ -234,6 +235,7 @@ def adafisher(
   layouts: Any = None,
   fallback: optax.GradientTransformation | None = None,
   mu_dtype: Any = None,
+  decoupled_weight_decay: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   r"""AdaFisher: Adam with diagonal Kronecker Fisher factors, coupled decay.
 
@@ -241,6 +243,8 @@ def adafisher(
     m_t = \beta m_{t-1} + (1-\beta)(g_t + \rho\theta), \quad
     \theta \leftarrow \theta - \eta\,
       \frac{m_t / (1-\beta^t)}{H \otimes S + \lambda}.
+
+  With `decoupled_weight_decay` it is AdaFisherW (:func:`adafisherw`).
 
   Args:
     learning_rate: η, a float or an optax schedule (the paper's grid picks
@@ -264,6 +268,8 @@ def adafisher(
       has no factors for. The paper's BatchNorm/LayerNorm factors are not
       implemented.
     mu_dtype: dtype of the moving average of the gradients.
+    decoupled_weight_decay: subtract `η·ρ·θ` after the preconditioning
+      (AdamW-style) instead of adding `ρθ` to the gradient.
 
   Returns:
     An `optax.GradientTransformationExtraArgs`; `update` requires the keyword
@@ -291,8 +297,9 @@ def adafisher(
     Gomes et al., AdaFisher: Adaptive Second Order Optimization via Fisher
     Information, ICLR 2025, https://arxiv.org/abs/2405.16397
   """
+  validation.check_bool('decoupled_weight_decay', decoupled_weight_decay)
   return _adafisher(
-    False,
+    decoupled_weight_decay,
     learning_rate,
     beta=beta,
     weight_decay=weight_decay,
@@ -308,22 +315,8 @@ def adafisher(
   )
 
 
-def adafisherw(
-  learning_rate: optax.ScalarOrSchedule,
-  *,
-  beta: float = 0.9,
-  weight_decay: float = 0.0,
-  weight_decay_mask: Any = None,
-  damping: optax.ScalarOrSchedule = 1e-3,
-  decay: float | None = None,
-  update_interval: int | None = None,
-  released_code: bool = False,
-  exclude: str | Sequence[str] = (),
-  layouts: Any = None,
-  fallback: optax.GradientTransformation | None = None,
-  mu_dtype: Any = None,
-) -> optax.GradientTransformationExtraArgs:
-  r"""AdaFisherW: AdaFisher with decoupled (AdamW-style) weight decay.
+adafisherw = functools.partial(adafisher, decoupled_weight_decay=True)
+adafisherw.__doc__ = r"""AdaFisherW: AdaFisher, weight decay decoupled (AdamW).
 
   .. math::
     m_t = \beta m_{t-1} + (1-\beta) g_t, \quad
@@ -369,19 +362,4 @@ def adafisherw(
   References:
     Gomes et al., AdaFisher: Adaptive Second Order Optimization via Fisher
     Information, ICLR 2025, https://arxiv.org/abs/2405.16397
-  """
-  return _adafisher(
-    True,
-    learning_rate,
-    beta=beta,
-    weight_decay=weight_decay,
-    weight_decay_mask=weight_decay_mask,
-    damping=damping,
-    decay=decay,
-    update_interval=update_interval,
-    released_code=released_code,
-    exclude=exclude,
-    layouts=layouts,
-    fallback=fallback,
-    mu_dtype=mu_dtype,
-  )
+"""
