@@ -18,11 +18,11 @@ from frog_optax._src.fisher import row_fisher_operator
 from frog_optax._src.foof import FoofLayerState
 from frog_optax._src.foof import foof
 from frog_optax._src.foof import scale_by_foof
+from frog_optax._src.frog import RankDeficientFisherWarning
 from frog_optax._src.frog import ScaleByFrogState
 from frog_optax._src.frog import frog
+from frog_optax._src.frog import precondition_layer
 from frog_optax._src.frog import scale_by_frog
-from frog_optax._src.frog_layer import RankDeficientFisherWarning
-from frog_optax._src.frog_layer import precondition_layer
 from frog_optax._src.geometry import ConvGeometry
 from frog_optax._src.geometry import DenseGeometry
 from frog_optax._src.guard import apply_if_finite

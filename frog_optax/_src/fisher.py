@@ -17,6 +17,7 @@ solvers, the design matrix itself.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 from typing import NamedTuple
@@ -194,6 +195,60 @@ def row_curvature(
   return RowCurvature(weights, flat.astype(dtype))
 
 
+class RowFisherOperator:
+  """The damped, trace-normalised row Fishers of one layer, as one operator.
+
+  `mv(V)` applies every row's `F̂_j + τ_j I` at once, matrix-free (what CG
+  needs; the operator is also callable as `op(V)`); `as_matrix()` gives the
+  same matrices explicitly as `(rows, D, D)`, in the column order of
+  `dense_rows.to_matrix` (what an exact solve of a small layer needs). A row
+  whose Fisher has zero trace (a dead unit) holds the identity in place of
+  its normalised Fisher (see :func:`row_curvature`).
+  """
+
+  def __init__(self, layer_stats, params_like, damping, dtype, curvature):
+    self.layer_stats = layer_stats
+    self.params_like = params_like
+    self.dtype = dtype
+    with jax.named_scope(scopes.CURVATURE):
+      self.weights, identity_rows = row_curvature(
+        layer_stats, params_like, dtype, **curvature
+      )
+    self.damping = damping + identity_rows  # scalar or (rows,)
+
+  @functools.cached_property
+  def _matvec(self) -> Callable[[RowParams], RowParams]:
+    return weighted_gram_operator(
+      self.layer_stats, self.params_like, self.weights, self.damping, self.dtype
+    )
+
+  def mv(self, v: RowParams) -> RowParams:
+    """`(F̂_j + τ_j I) v_j` for every row `j` of `v`."""
+    return self._matvec(v)
+
+  __call__ = mv
+
+  def as_matrix(self) -> jax.Array:
+    """The damped row Fishers, `(rows, D, D)`."""
+    stats = self.layer_stats
+    kernel_shape = self.params_like['kernel'].shape
+    patches = stats.geometry.patches(
+      stats.inputs.astype(self.dtype), kernel_shape, 'bias' in self.params_like
+    )
+    groups, _, row_size = patches.shape
+    num_rows = kernel_shape[-1]
+    weights = jnp.broadcast_to(self.weights, stats.output_grads.shape)
+    weights = weights.reshape(-1, groups, num_rows // groups)
+    with jax.named_scope(scopes.CURVATURE):
+      blocks = jnp.einsum('gtd,tgr,gte->grde', patches, weights, patches)
+    blocks = blocks.reshape(num_rows, row_size, row_size)
+    damping = jnp.broadcast_to(
+      jnp.asarray(self.damping, blocks.dtype), (num_rows,)
+    )
+    eye = jnp.eye(row_size, dtype=blocks.dtype)
+    return blocks + damping[:, None, None] * eye
+
+
 def row_fisher_operator(
   layer_stats: stats_lib.LayerStats,
   params_like: RowParams,
@@ -202,7 +257,7 @@ def row_fisher_operator(
   *,
   trace_normalization: bool = True,
   row_blocks: str = 'exact',
-) -> Callable[[RowParams], RowParams]:
+) -> RowFisherOperator:
   """The damped, trace-normalised row-wise Fisher `A(V)` of one layer.
 
   A row whose Fisher has zero trace (a dead unit) gets the identity in place
@@ -219,46 +274,24 @@ def row_fisher_operator(
     row_blocks: `'exact'` (FROG) or `'kronecker'` (the ablation `S_jj·A`).
 
   Returns:
-    A linear function on `{'kernel', 'bias'?}` dicts of the same shapes.
+    A linear operator on `{'kernel', 'bias'?}` dicts of the same shapes:
+    call it (or its `mv`) on one, or take all rows' matrices with
+    `as_matrix()`.
+
+  Example:
+    >>> import jax.numpy as jnp, frog_optax as fo
+    >>> stats = fo.LayerStats(inputs=jnp.eye(3), output_grads=jnp.ones((3, 2)),
+    ...                       geometry=fo.DenseGeometry())
+    >>> params = {'kernel': jnp.zeros((3, 2))}
+    >>> op = fo.row_fisher_operator(stats, params, 0.5, jnp.float32)
+    >>> v = {'kernel': jnp.ones((3, 2))}
+    >>> op.as_matrix().shape, op(v)['kernel'][0].tolist()
+    ((2, 3, 3), [1.5, 1.5])
   """
-  with jax.named_scope(scopes.CURVATURE):
-    weights, identity_rows = row_curvature(
-      layer_stats,
-      params_like,
-      dtype,
-      trace_normalization=trace_normalization,
-      row_blocks=row_blocks,
-    )
-  return weighted_gram_operator(
-    layer_stats, params_like, weights, damping + identity_rows, dtype
+  return RowFisherOperator(
+    layer_stats,
+    params_like,
+    damping,
+    dtype,
+    dict(trace_normalization=trace_normalization, row_blocks=row_blocks),
   )
-
-
-def row_fisher_matrices(
-  layer_stats: stats_lib.LayerStats,
-  params_like: RowParams,
-  dtype: Any,
-  **curvature_options: Any,
-) -> jax.Array:
-  """The undamped row Fishers of `row_fisher_operator` as `(rows, D, D)`.
-
-  Rows without curvature hold the identity, as in the operator.
-  """
-  with jax.named_scope(scopes.CURVATURE):
-    weights, identity_rows = row_curvature(
-      layer_stats, params_like, dtype, **curvature_options
-    )
-  kernel_shape = params_like['kernel'].shape
-  patches = layer_stats.geometry.patches(
-    layer_stats.inputs.astype(dtype),
-    kernel_shape,
-    'bias' in params_like,
-  )
-  groups, _, row_size = patches.shape
-  num_rows = kernel_shape[-1]
-  weights = jnp.broadcast_to(weights, layer_stats.output_grads.shape)
-  weights = weights.reshape(-1, groups, num_rows // groups)
-  blocks = jnp.einsum('gtd,tgr,gte->grde', patches, weights, patches)
-  blocks = blocks.reshape(num_rows, row_size, row_size)
-  eye = jnp.eye(row_size, dtype=blocks.dtype)
-  return blocks + jnp.reshape(identity_rows, (-1, 1, 1)) * eye
