@@ -4,7 +4,7 @@ The user wraps `model.apply` once with :func:`capture` and replaces
 `jax.value_and_grad` by :func:`value_and_grad`. Inside, a method interceptor
 on `nn.Dense`, `nn.Conv`, `nn.DenseGeneral` and `nn.Einsum` (so also the
 projections of `nn.MultiHeadDotProductAttention`) does two things for the
-sampled rows of the batch:
+sampled examples of the batch:
 it `sow`s their (gradient-stopped) inputs, and it adds a zero "perturbation"
 variable to their outputs (an identity in the forward pass: only
 derivatives see it). The gradient of the loss with respect to those
@@ -77,11 +77,11 @@ def value_and_grad(
     sample_size: examples per batch used for the Fisher (s); `None`, or a
       value >= the batch size, uses the whole batch.
     has_aux: whether `fun` returns `(loss, aux)`.
-    rng: optional PRNG key: sample `sample_size` random rows (the same rows
-      for every layer) instead of the default strided rows `x[::B // s]`.
-      Strided rows stay on their device when the batch axis is sharded
+    rng: optional PRNG key: sample `sample_size` random examples (the same rows
+      for every layer) instead of the default strided examples `x[::B // s]`.
+      Strided examples stay on their device when the batch axis is sharded
       (let `sample_size` divide the batch and the device count divide
-      `sample_size`); random rows are gathered across devices.
+      `sample_size`); random examples are gathered across devices.
     axis_name: under `jax.pmap` or `jax.shard_map` with per-replica
       batches, the name of the data-parallel axis: the sampled inputs and
       output gradients of all replicas are gathered along it

@@ -77,8 +77,8 @@ def value_and_grad(
     sample_size: examples per batch used for the Fisher (s); `None`, or a
       value >= the batch size, uses the whole batch.
     has_aux: whether `fun` returns `(loss, aux)`.
-    rng: optional PRNG key: `sample_size` random rows instead of the default
-      strided rows `x[::B // s]`.
+    rng: optional PRNG key: `sample_size` random examples instead of the default
+      strided examples `x[::B // s]`.
     axis_name: the data-parallel axis under `jax.pmap` or `jax.shard_map`:
       the samples of all replicas are gathered along it, so that every
       replica computes the same update (see

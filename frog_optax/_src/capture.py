@@ -2,8 +2,8 @@
 
 Both front ends (`frog_optax.linen`, `frog_optax.nnx`) intercept the call of
 a layer and keep only their framework hook: the linen method interceptor,
-the NNX class patch. Each call goes through one :class:`Recorder` (rows of
-the batch from `batch_rows`, the layer's map from `layer_maps`, the checks
+the NNX class patch. Each call goes through one :class:`Recorder` (examples of
+the batch from `sampling`, the layer's map from `layer_maps`, the checks
 and records), and after the backward pass :meth:`Recorder.layer_stats`
 turns what every layer saw into its `LayerStats`, gathered across replicas
 when an `axis_name` is given.
@@ -25,10 +25,10 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from frog_optax._src import batch_rows
 from frog_optax._src import geometry as geometry_lib
 from frog_optax._src import layer_maps
 from frog_optax._src import routing
+from frog_optax._src import sampling
 from frog_optax._src import scopes
 from frog_optax._src import stats as stats_lib
 
@@ -74,7 +74,7 @@ class Recorder:
   Attributes:
     discover: whether this is the shape-discovery pass.
     sample_size: examples per call used for the Fisher (`None`: all).
-    rng: optional key for random rows.
+    rng: optional key for random examples.
     exclude: module paths (or prefixes) not to capture.
     kinds: `{path: (geometry, layout)}`; every call must agree.
     layer_types: `{path: class name}` of the sampled layers.
@@ -109,7 +109,7 @@ class Recorder:
     call_key: Any,
     sample_call: Callable[[Any], layer_maps.Sampled],
   ) -> layer_maps.Sampled | None:
-    """Samples one call of a layer: `sample_call(rows)`, checked, recorded.
+    """Samples one call of a layer: `sample_call(examples)`, checked, recorded.
 
     Returns `None`, and records why, when the layer is not captured: it is
     excluded, it was refused before, or this call cannot be sampled
@@ -122,10 +122,10 @@ class Recorder:
       return None
     try:
       with jax.named_scope(scopes.CAPTURE):
-        rows = batch_rows.rows_of(
+        examples = sampling.examples_of(
           x, self.sample_size, self.rng, f'{layer_type} at {path!r}'
         )
-        sampled = sample_call(rows)
+        sampled = sample_call(examples)
       kind = (sampled.geometry, sampled.layout)
       if self.kinds.setdefault(path, kind) != kind:
         raise stats_lib.CaptureRefused('its calls have different geometries')

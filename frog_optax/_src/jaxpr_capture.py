@@ -4,7 +4,7 @@
 by equation (every primitive bound as `jax.core.eval_jaxpr` binds it, so the
 value and the gradients are those of `jax.value_and_grad`), except that the
 output of every matched op passes through the zero-perturbation tap of the
-sampled rows, and its sampled inputs are recorded. Calls that hold a tap are
+sampled examples, and its sampled inputs are recorded. Calls that hold a tap are
 entered (a `jax.checkpoint` stays one: its body is re-evaluated inside
 `jax.checkpoint` with the same policy).
 """
@@ -17,8 +17,8 @@ from typing import Any
 import jax
 from jax.extend import core as jex_core
 
-from frog_optax._src import batch_rows
 from frog_optax._src import jaxpr_match
+from frog_optax._src import sampling
 from frog_optax._src import scopes
 from frog_optax._src import stats as stats_lib
 
@@ -30,7 +30,7 @@ class Pass:
   Attributes:
     found: the match of the jaxpr.
     sample_size: examples per op for the Fisher (`None`: all).
-    rng: optional key for random rows.
+    rng: optional key for random examples.
     perturbations: `{op key: zeros}`, or `None` to discover their shapes.
     shapes: `{op key: perturbation ShapeDtypeStruct}` (discovery).
     statics: `{op key: (geometry, layout, batch size)}`.
@@ -44,12 +44,14 @@ class Pass:
   statics: dict[Any, Any] = dataclasses.field(default_factory=dict)
 
   def tap(self, key, invals, y, inputs: dict) -> jax.Array:
-    """`y` with the op's sampled rows tapped; records their inputs."""
+    """`y` with the op's sampled examples tapped; records their inputs."""
     tap = self.found.taps[key]
     x = invals[tap.x_operand]
     with jax.named_scope(scopes.CAPTURE):
-      rows = batch_rows.rows_of(x, self.sample_size, self.rng, f'op {key}')
-      sampled = tap.sample(x, y, rows)
+      examples = sampling.examples_of(
+        x, self.sample_size, self.rng, f'op {key}'
+      )
+      sampled = tap.sample(x, y, examples)
       self.statics[key] = (sampled.geometry, sampled.layout, x.shape[0])
       inputs[key] = sampled.inputs
       if self.perturbations is None:

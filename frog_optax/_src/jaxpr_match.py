@@ -28,9 +28,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend import core as jex_core
 
-from frog_optax._src import batch_rows
 from frog_optax._src import geometry as geometry_lib
 from frog_optax._src import layer_maps
+from frog_optax._src import sampling
 from frog_optax._src import stats as stats_lib
 
 # Ops that keep a kernel's entries, only moving (or casting) them.
@@ -105,8 +105,8 @@ class DenseTap:
   dense: layer_maps.DenseMap
   rows: int
 
-  def sample(self, x, y, rows) -> layer_maps.Sampled:
-    return layer_maps.sample_dense(x, y, rows, self.dense)
+  def sample(self, x, y, examples) -> layer_maps.Sampled:
+    return layer_maps.sample_dense(x, y, examples, self.dense)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,19 +120,21 @@ class ConvTap:
   rows: int
   x_operand: int = 0
 
-  def sample(self, x, y, rows) -> layer_maps.Sampled:
-    x_rows = jax.lax.stop_gradient(
-      batch_rows.take_rows(jnp.transpose(x, self.x_perm), rows)
+  def sample(self, x, y, examples) -> layer_maps.Sampled:
+    x_sampled = jax.lax.stop_gradient(
+      sampling.take_examples(jnp.transpose(x, self.x_perm), examples)
     )
     y_t = jnp.transpose(y, self.y_perm)
-    p_shape = jax.eval_shape(lambda t: batch_rows.take_rows(t, rows), y_t).shape
+    p_shape = jax.eval_shape(
+      lambda t: sampling.take_examples(t, examples), y_t
+    ).shape
     inverse = tuple(int(i) for i in np.argsort(self.y_perm))
 
     def add_perturbation(p):
-      return jnp.transpose(batch_rows.tap_rows(y_t, rows, p), inverse)
+      return jnp.transpose(sampling.tap_examples(y_t, examples, p), inverse)
 
     return layer_maps.Sampled(
-      inputs=x_rows,
+      inputs=x_sampled,
       perturbation_shape=p_shape,
       add_perturbation=add_perturbation,
       geometry=self.geometry,

@@ -5,7 +5,7 @@ becomes `(samples, D_in) @ (D_in, rows)` by an axis permutation of its
 inputs and outputs; a convolution becomes the lax convolution Flax runs,
 with its padding made explicit. `sample_dense` / `sample_conv` return what
 one call contributes: the sampled inputs in that form, and the zero
-perturbation whose gradient is dLoss/d(outputs) of the sampled rows. A call
+perturbation whose gradient is dLoss/d(outputs) of the sampled examples. A call
 that cannot be written so raises `CaptureRefused` with the reason.
 """
 
@@ -22,8 +22,8 @@ from jax import lax
 
 from frog_optax._src import geometry as geometry_lib
 from frog_optax._src import stats as stats_lib
-from frog_optax._src.batch_rows import take_rows
-from frog_optax._src.batch_rows import tap_rows
+from frog_optax._src.sampling import take_examples
+from frog_optax._src.sampling import tap_examples
 from frog_optax._src.stats import CaptureRefused
 
 
@@ -223,7 +223,7 @@ class Sampled:
     inputs: the sampled inputs in row-stacked form (gradient stopped).
     perturbation_shape: shape of the zero perturbation (the row-stacked
       output gradients of the sample have this shape).
-    add_perturbation: `p -> y` with `p` added to the sampled rows.
+    add_perturbation: `p -> y` with `p` added to the sampled examples.
     geometry: the layer's static geometry.
     layout: how its parameters map to the row-stacked form.
   """
@@ -235,31 +235,33 @@ class Sampled:
   layout: stats_lib.ParamLayout
 
 
-def _rows_shape(y: jax.Array, rows) -> tuple[int, ...]:
-  return jax.eval_shape(lambda t: take_rows(t, rows), y).shape
+def _sampled_shape(y: jax.Array, examples) -> tuple[int, ...]:
+  return jax.eval_shape(lambda t: take_examples(t, examples), y).shape
 
 
-def sample_dense(x: jax.Array, y: jax.Array, rows, dense: DenseMap) -> Sampled:
+def sample_dense(
+  x: jax.Array, y: jax.Array, examples, dense: DenseMap
+) -> Sampled:
   """A Dense-like call: inputs `(n, D_in)`, perturbation `(n, rows)`."""
-  x_rows = jnp.transpose(take_rows(x, rows), dense.x_perm)
+  x_sampled = jnp.transpose(take_examples(x, examples), dense.x_perm)
   n_in = dense.num_input_axes
-  x_rows = x_rows.reshape((-1, math.prod(x_rows.shape[-n_in:])))
+  x_sampled = x_sampled.reshape((-1, math.prod(x_sampled.shape[-n_in:])))
   b = dense.y_batch_axis
-  y_rows_shape = _rows_shape(jnp.moveaxis(y, b, 0), rows)
-  permuted = tuple(y_rows_shape[a] for a in dense.y_perm)
+  y_sampled_shape = _sampled_shape(jnp.moveaxis(y, b, 0), examples)
+  permuted = tuple(y_sampled_shape[a] for a in dense.y_perm)
   n_out = dense.num_output_axes
   p_shape = (math.prod(permuted[:-n_out]), math.prod(permuted[-n_out:]))
   inverse = tuple(np.argsort(dense.y_perm))
 
   def add_perturbation(p):
     # The batch axis is tapped first and moved back: a no-op on the value.
-    tapped = tap_rows(
-      jnp.moveaxis(y, b, 0), rows, p.reshape(permuted).transpose(inverse)
+    tapped = tap_examples(
+      jnp.moveaxis(y, b, 0), examples, p.reshape(permuted).transpose(inverse)
     )
     return jnp.moveaxis(tapped, 0, b)
 
   return Sampled(
-    inputs=lax.stop_gradient(x_rows),
+    inputs=lax.stop_gradient(x_sampled),
     perturbation_shape=p_shape,
     add_perturbation=add_perturbation,
     geometry=geometry_lib.DenseGeometry(),
@@ -267,21 +269,23 @@ def sample_dense(x: jax.Array, y: jax.Array, rows, dense: DenseMap) -> Sampled:
   )
 
 
-def sample_conv(module: Any, x: jax.Array, y: jax.Array, rows) -> Sampled:
+def sample_conv(module: Any, x: jax.Array, y: jax.Array, examples) -> Sampled:
   """A convolution: inputs `(n, *spatial, c_in)`, extra batch axes folded."""
   num_feature_dims = len(as_tuple(module.kernel_size, 1)) + 1
   if x.ndim <= num_feature_dims:
     raise CaptureRefused(f'inputs of shape {x.shape} have no batch axis')
-  x_rows = take_rows(x, rows)
-  x_rows = x_rows.reshape((-1,) + x.shape[x.ndim - num_feature_dims :])
-  x_rows, geometry = conv_lax_inputs(module, x_rows)
-  y_rows_shape = _rows_shape(y, rows)
-  leading = y_rows_shape[: len(y_rows_shape) - num_feature_dims]
-  p_shape = (math.prod(leading),) + y_rows_shape[len(leading) :]
+  x_sampled = take_examples(x, examples)
+  x_sampled = x_sampled.reshape((-1,) + x.shape[x.ndim - num_feature_dims :])
+  x_sampled, geometry = conv_lax_inputs(module, x_sampled)
+  y_sampled_shape = _sampled_shape(y, examples)
+  leading = y_sampled_shape[: len(y_sampled_shape) - num_feature_dims]
+  p_shape = (math.prod(leading),) + y_sampled_shape[len(leading) :]
   return Sampled(
-    inputs=lax.stop_gradient(x_rows),
+    inputs=lax.stop_gradient(x_sampled),
     perturbation_shape=p_shape,
-    add_perturbation=lambda p: tap_rows(y, rows, p.reshape(y_rows_shape)),
+    add_perturbation=lambda p: tap_examples(
+      y, examples, p.reshape(y_sampled_shape)
+    ),
     geometry=geometry,
     layout=stats_lib.ParamLayout(),
   )

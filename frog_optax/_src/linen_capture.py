@@ -1,6 +1,6 @@
 """The linen side of the capture: the method interceptor and `capture`.
 
-A method interceptor on the captured layer types `sow`s the sampled rows'
+A method interceptor on the captured layer types `sow`s the sampled examples'
 (gradient-stopped) inputs into the `frog_inputs` collection and adds a zero
 perturbation variable (`frog_perturbations`) to their outputs, whose
 gradient is dLoss/d(outputs). `frog_optax.linen.value_and_grad` drives it.
@@ -79,10 +79,10 @@ def _is_captured(module: nn.Module) -> bool:
   )
 
 
-def _sample(module, args, kwargs, x, y, rows) -> layer_maps.Sampled:
+def _sample(module, args, kwargs, x, y, examples) -> layer_maps.Sampled:
   _check_supported(module)
   if isinstance(module, nn.Conv):
-    return layer_maps.sample_conv(module, x, y, rows)
+    return layer_maps.sample_conv(module, x, y, examples)
   if isinstance(module, nn.Dense):
     dense = layer_maps.dense_map(x.ndim)
   elif isinstance(module, nn.DenseGeneral):
@@ -95,7 +95,7 @@ def _sample(module, args, kwargs, x, y, rows) -> layer_maps.Sampled:
     einsum_str = args[1] if len(args) > 1 else kwargs.get('einsum_str')
     einsum_str = (einsum_str or module.einsum_str).replace(' ', '')
     dense = layer_maps.einsum_map(einsum_str, x.shape, tuple(module.shape))
-  return layer_maps.sample_dense(x, y, rows, dense)
+  return layer_maps.sample_dense(x, y, examples, dense)
 
 
 def _note_uncaptured(session: Session, module: nn.Module) -> None:
@@ -125,7 +125,7 @@ def _interceptor(next_fun, args, kwargs, context):
     layer_type,
     x,
     (session.num_applies, index),
-    lambda rows: _sample(module, args, kwargs, x, y, rows),
+    lambda examples: _sample(module, args, kwargs, x, y, examples),
   )
   if sampled is None:  # not captured: the session says why
     return y

@@ -33,7 +33,7 @@ class FrogInputs(nnx.Variable):
 class FrogPerturbation(nnx.Variable):
   """Capture-internal: the zero perturbation of one call's sampled outputs.
 
-  Its gradient is dLoss/d(outputs) for the sampled rows.
+  Its gradient is dLoss/d(outputs) for the sampled examples.
   """
 
 
@@ -72,11 +72,11 @@ def _check_supported(module: Any) -> None:
     raise stats_lib.CaptureRefused(why)
 
 
-def _sample(module, inputs, y, rows, args, kwargs):
+def _sample(module, inputs, y, examples, args, kwargs):
   """What one call of a captured layer contributes."""
   _check_supported(module)
   if isinstance(module, nnx.Conv):
-    return layer_maps.sample_conv(module, inputs, y, rows)
+    return layer_maps.sample_conv(module, inputs, y, examples)
   if isinstance(module, nnx.LinearGeneral):
     dense = layer_maps.dense_general_map(
       inputs.ndim,
@@ -92,7 +92,7 @@ def _sample(module, inputs, y, rows, args, kwargs):
     )
   else:
     dense = layer_maps.dense_map(inputs.ndim)
-  return layer_maps.sample_dense(inputs, y, rows, dense)
+  return layer_maps.sample_dense(inputs, y, examples, dense)
 
 
 def _capturing_call(original: Callable[..., Any]) -> Callable[..., Any]:
@@ -113,7 +113,7 @@ def _capturing_call(original: Callable[..., Any]) -> Callable[..., Any]:
       type(self).__name__,
       inputs,
       index,
-      lambda rows: _sample(self, inputs, y, rows, args, kwargs),
+      lambda examples: _sample(self, inputs, y, examples, args, kwargs),
     )
     if sampled is None:  # not captured: the session says why
       return y

@@ -7,24 +7,24 @@ import numpy as np
 import pytest
 
 import frog_optax as fo
-from frog_optax._src import batch_rows
+from frog_optax._src import sampling
 
-BATCH = 7  # strided rows 0, 3 (sample 2): a tail row after the last stride
+BATCH = 7  # strided examples 0, 3 (sample 2): a tail row after the last stride
 
 
-def _rows(kind):
+def _examples(kind):
   if kind == 'strided':
-    return batch_rows.sample_rows(BATCH, 2, None)
-  return batch_rows.sample_rows(BATCH, 2, jax.random.key(3))
+    return sampling.sample_examples(BATCH, 2, None)
+  return sampling.sample_examples(BATCH, 2, jax.random.key(3))
 
 
 @pytest.mark.parametrize('kind', ['strided', 'random'])
-def test_tap_rows_is_the_input_and_differentiates_like_a_scatter_add(kind):
-  rows = _rows(kind)
+def test_tap_examples_is_the_input_and_differentiates_like_a_scatter_add(kind):
+  examples = _examples(kind)
   a = jax.random.normal(jax.random.key(0), (BATCH, 3))
   zeros = jnp.zeros((2, 3))
-  scatter = lambda a, z: a.at[np.asarray(jnp.arange(BATCH)[rows])].add(z)
-  tap = lambda a, z: batch_rows.tap_rows(a, rows, z)
+  scatter = lambda a, z: a.at[np.asarray(jnp.arange(BATCH)[examples])].add(z)
+  tap = lambda a, z: sampling.tap_examples(a, examples, z)
   np.testing.assert_array_equal(tap(a, zeros), a)
   cotangent = jax.random.normal(jax.random.key(1), (BATCH, 3))
   for got, want in zip(
@@ -67,9 +67,9 @@ def test_capture_never_spreads_the_sample_over_the_whole_batch():
   output_sizes = {8 * 5 * 5 * 4, 8 * 5 * 5 * 2}  # the two layers' outputs
   jaxpr = jax.make_jaxpr(step)(params, x).jaxpr
   assert _spreads(jaxpr, output_sizes) == 0
-  # The same walk finds the spread of an explicit add to the sampled rows.
-  for rows in (slice(0, 8, 4), jnp.array([0, 4])):
+  # The same walk finds the spread of an explicit add to the sampled examples.
+  for examples in (slice(0, 8, 4), jnp.array([0, 4])):
     spread = jax.make_jaxpr(
-      lambda a, z, rows=rows: batch_rows.add_to_rows(a, rows, z)
+      lambda a, z, examples=examples: sampling.add_to_examples(a, examples, z)
     )(jnp.ones((8, 5, 5, 4)), jnp.ones((2, 5, 5, 4))).jaxpr
     assert _spreads(spread, output_sizes) == 1
