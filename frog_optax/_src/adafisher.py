@@ -62,10 +62,10 @@ def _min_max(tree):
 
 
 def _moving_average(released_code, decay):
-  if released_code:
-    keep, take = 1.0 - RELEASED_GAMMAS[0], RELEASED_GAMMAS[1]
-  else:
-    keep, take = decay, 1.0 - decay
+  if not released_code:  # the paper's average: an optax moment
+    return lambda old, new: optax.tree.update_moment(new, old, decay, 1)
+  # The released code's weights do not sum to one.
+  keep, take = 1.0 - RELEASED_GAMMAS[0], RELEASED_GAMMAS[1]
   return lambda old, new: jax.tree.map(
     lambda o, n: keep * o + take * n, old, new
   )

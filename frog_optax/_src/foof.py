@@ -157,13 +157,13 @@ def scale_by_foof(
       z = fisher.input_gram_cg(layer_stats, m, tau, cg_iters)
     else:
       estimate = input_second_moment(layer_stats, m, dtype)
-      second_moment = (
-        ema_decay * state.second_moment + (1.0 - ema_decay) * estimate
+      second_moment = optax.tree.update_moment(
+        estimate, state.second_moment, ema_decay, 1
       )
-      debias = 1.0 - ema_decay ** (count + 1).astype(dtype)
+      debiased = optax.tree.bias_correction(second_moment, ema_decay, count + 1)
 
       def refresh():
-        return dense_rows.damped_cholesky(second_moment / debias, tau)
+        return dense_rows.damped_cholesky(debiased, tau)
 
       factor = lax.cond(
         count % update_interval == 0, refresh, lambda: state.factor

@@ -82,9 +82,9 @@ def scale_by_kfrog(
     m, dtype = direction, direction['kernel'].dtype  # the solve dtype
     n = layer_stats.inputs.shape[0]
     y_mean = fisher.output_sq_sums(layer_stats, dtype) / n
-    y_average = y_momentum * y_average + (1.0 - y_momentum) * y_mean
-    debias = 1.0 - y_momentum ** (count + 1).astype(dtype)
-    row_scale = jax.lax.rsqrt(y_average / debias + eps)
+    y_average = optax.tree.update_moment(y_mean, y_average, y_momentum, 1)
+    debiased = optax.tree.bias_correction(y_average, y_momentum, count + 1)
+    row_scale = jax.lax.rsqrt(debiased + eps)
     rhs = {k: v * row_scale for k, v in m.items()}
     z = fisher.input_gram_cg(
       layer_stats, rhs, aliases.schedule_value(damping, count), cg_iters
