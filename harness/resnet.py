@@ -46,10 +46,10 @@ class ResNet18(nn.Module):
   Example:
     >>> import jax
     >>> model = ResNet18(num_classes=10)
-    >>> x = jax.numpy.zeros((2, 32, 32, 3))
-    >>> variables = model.init(jax.random.key(0), x)
-    >>> model.apply(variables, x, train=False).shape
-    (2, 10)
+    >>> x = jax.ShapeDtypeStruct((2, 32, 32, 3), 'float32')
+    >>> shapes = jax.eval_shape(model.init, jax.random.key(0), x)
+    >>> round(sum(p.size for p in jax.tree.leaves(shapes['params'])) / 1e6, 1)
+    11.2
   """
 
   num_classes: int = 10
