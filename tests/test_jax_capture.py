@@ -464,3 +464,26 @@ def test_scan_over_stacked_layers_matches_the_unrolled_layers():
       chex.assert_trees_all_close(
         update[n][i], want_update[f'{n}{i}'], rtol=1e-10
       )
+
+
+def test_a_leaf_belongs_to_one_layer():
+  # `proj` looks like a Flax module dict, but its bias is another leaf's.
+  params = {
+    'proj': {'kernel': jnp.ones((4, 3)), 'bias': jnp.ones(3)},
+    'shift': jnp.zeros(3),
+  }
+  x = jnp.ones((B, 4))
+
+  def loss_fn(p, x):
+    return jnp.tanh(x @ p['proj']['kernel'] + p['shift']).sum() + jnp.sum(
+      p['proj']['bias']
+    )
+
+  layouts = fo.jax.layouts(loss_fn, params, x)
+  table = fo._src.routing.layer_table(params, layouts)  # noqa: SLF001
+  assert table == {'proj/kernel': {'kernel': 'proj/kernel', 'bias': 'shift'}}
+  labels = fo.frog_param_labels(params, layouts=layouts)
+  assert labels == {
+    'proj': {'kernel': 'frog', 'bias': 'fallback'},
+    'shift': 'frog',
+  }

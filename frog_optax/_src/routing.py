@@ -85,12 +85,20 @@ def layer_table(tree: Any, layouts: Any = None) -> dict[str, dict[str, str]]:
     for m, module in module_leaves(tree).items()
     if _is_row_layer(module) and m not in refused
   }
+  at_leaves = {}
   for name, layout in by_path.items():
     if name in leaves and getattr(leaves[name], 'ndim', 0) >= 2:
-      table[name] = {'kernel': name}
+      at_leaves[name] = {'kernel': name}
       if layout.bias_path is not None and layout.bias_path in leaves:
-        table[name]['bias'] = layout.bias_path
-  return dict(sorted(table.items()))
+        at_leaves[name]['bias'] = layout.bias_path
+  # A leaf belongs to one layer: layers named at kernel leaves win.
+  claimed = {path for roles in at_leaves.values() for path in roles.values()}
+  table = {
+    m: roles
+    for m, roles in table.items()
+    if not claimed.intersection(roles.values())
+  }
+  return dict(sorted({**table, **at_leaves}.items()))
 
 
 def layer_leaves(tree: Any, table: dict[str, dict[str, str]]) -> dict:
