@@ -32,13 +32,6 @@ from frog_optax._src import sampling
 from frog_optax._src import scopes
 from frog_optax._src import stats as stats_lib
 
-# Why a captured layer type is refused, in both front ends.
-CUSTOM_DOT_GENERAL = 'a custom dot_general is set'
-CUSTOM_CONV = 'a custom conv_general_dilated is set'
-CUSTOM_EINSUM = 'a custom einsum_op is set'
-MASKED = 'masked kernels are not supported'
-BATCHED_KERNEL = 'a batched kernel (batch_dims / batch_axis) is set'
-
 
 class SessionSlot:
   """This thread's current capture session (one slot per front end)."""

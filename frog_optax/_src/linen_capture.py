@@ -16,9 +16,9 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax import lax
 
 from frog_optax._src import capture as capture_lib
+from frog_optax._src import layer_kinds
 from frog_optax._src import layer_maps
 from frog_optax._src import paths
 from frog_optax._src import stats as stats_lib
@@ -26,7 +26,6 @@ from frog_optax._src import stats as stats_lib
 INPUTS = 'frog_inputs'
 PERTURBATIONS = 'frog_perturbations'
 _SOW_NAME = 'inputs'
-_CAPTURED_TYPES = (nn.Dense, nn.Conv, nn.DenseGeneral, nn.Einsum)
 LIFTED = (
   'the capture collections did not reach it, probably inside nn.scan or'
   ' nn.vmap: give both a leading layer axis there, variable_axes={"params":'
@@ -51,51 +50,19 @@ sessions = capture_lib.SessionSlot()
 # The interceptor.
 
 
-def _check_supported(module: nn.Module) -> None:
-  """Raises `CaptureRefused` for a configuration the maps do not model."""
-  why = None
-  if isinstance(module, (nn.Dense, nn.DenseGeneral)):
-    if module.dot_general is not None or module.dot_general_cls is not None:
-      why = capture_lib.CUSTOM_DOT_GENERAL
-    elif isinstance(module, nn.DenseGeneral) and module.batch_dims:
-      why = capture_lib.BATCHED_KERNEL
-  elif isinstance(module, nn.Conv):
-    if module.conv_general_dilated_cls is not None or (
-      module.conv_general_dilated not in (None, lax.conv_general_dilated)
-    ):
-      why = capture_lib.CUSTOM_CONV
-    elif module.mask is not None:
-      why = capture_lib.MASKED
-  if why:
-    raise stats_lib.CaptureRefused(why)
-
-
 def _is_captured(module: nn.Module) -> bool:
   # Only the stock __call__: a subclass that overrides it may not be the
   # linear map we model.
   return any(
     isinstance(module, t) and type(module).__call__ is t.__call__
-    for t in _CAPTURED_TYPES
+    for t in layer_kinds.LINEN_TYPES
   )
 
 
 def _sample(module, args, kwargs, x, y, examples) -> layer_maps.Sampled:
-  _check_supported(module)
-  if isinstance(module, nn.Conv):
-    return layer_maps.sample_conv(module, x, y, examples)
-  if isinstance(module, nn.Dense):
-    dense = layer_maps.dense_map(x.ndim)
-  elif isinstance(module, nn.DenseGeneral):
-    dense = layer_maps.dense_general_map(
-      x.ndim,
-      layer_maps.as_tuple(module.axis, 1),
-      len(layer_maps.as_tuple(module.features, 1)),
-    )
-  else:  # nn.Einsum: the equation may also be given at call time.
-    einsum_str = args[1] if len(args) > 1 else kwargs.get('einsum_str')
-    einsum_str = (einsum_str or module.einsum_str).replace(' ', '')
-    dense = layer_maps.einsum_map(einsum_str, x.shape, tuple(module.shape))
-  return layer_maps.sample_dense(x, y, examples, dense)
+  # An Einsum's equation may come at call time, after the inputs.
+  einsum_str = args[1] if len(args) > 1 else kwargs.get('einsum_str')
+  return layer_kinds.sample(module, x, y, examples, einsum_str)
 
 
 def _note_uncaptured(session: Session, module: nn.Module) -> None:

@@ -16,14 +16,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax import lax
 
 from frog_optax._src import capture as capture_lib
-from frog_optax._src import layer_maps
+from frog_optax._src import layer_kinds
 from frog_optax._src import paths
 from frog_optax._src import stats as stats_lib
-
-_CAPTURED_TYPES = (nnx.Linear, nnx.Conv, nnx.LinearGeneral, nnx.Einsum)
 
 
 class FrogInputs(nnx.Variable):
@@ -52,47 +49,11 @@ _patch_lock = threading.Lock()
 _patch_depth = 0
 
 
-def _check_supported(module: Any) -> None:
-  """Raises `CaptureRefused` for a configuration the maps do not model."""
-  why = None
-  if isinstance(module, (nnx.Linear, nnx.LinearGeneral)):
-    custom = getattr(module, 'dot_general_cls', None) is not None
-    if custom or module.dot_general not in (None, lax.dot_general):
-      why = capture_lib.CUSTOM_DOT_GENERAL
-    elif getattr(module, 'batch_axis', None):
-      why = capture_lib.BATCHED_KERNEL
-  elif isinstance(module, nnx.Einsum):
-    if module.einsum_op is not jnp.einsum:
-      why = capture_lib.CUSTOM_EINSUM
-  elif module.conv_general_dilated is not lax.conv_general_dilated:
-    why = capture_lib.CUSTOM_CONV
-  elif module.mask is not None:
-    why = capture_lib.MASKED
-  if why:
-    raise stats_lib.CaptureRefused(why)
-
-
 def _sample(module, inputs, y, examples, args, kwargs):
   """What one call of a captured layer contributes."""
-  _check_supported(module)
-  if isinstance(module, nnx.Conv):
-    return layer_maps.sample_conv(module, inputs, y, examples)
-  if isinstance(module, nnx.LinearGeneral):
-    dense = layer_maps.dense_general_map(
-      inputs.ndim,
-      layer_maps.as_tuple(module.axis, 1),
-      len(module.out_features),
-    )
-  elif isinstance(module, nnx.Einsum):  # the equation may come at call time
-    einsum_str = args[0] if args else kwargs.get('einsum_str')
-    dense = layer_maps.einsum_map(
-      (einsum_str or module.einsum_str).replace(' ', ''),
-      inputs.shape,
-      tuple(module.kernel.shape),
-    )
-  else:
-    dense = layer_maps.dense_map(inputs.ndim)
-  return layer_maps.sample_dense(inputs, y, examples, dense)
+  # An Einsum's equation may come at call time.
+  einsum_str = args[0] if args else kwargs.get('einsum_str')
+  return layer_kinds.sample(module, inputs, y, examples, einsum_str)
 
 
 def _capturing_call(original: Callable[..., Any]) -> Callable[..., Any]:
@@ -141,7 +102,7 @@ def capturing_layers():
   global _patch_depth
   with _patch_lock:
     if _patch_depth == 0:
-      for cls in _CAPTURED_TYPES:
+      for cls in layer_kinds.NNX_TYPES:
         _saved_calls[cls] = cls.__dict__['__call__']
         cls.__call__ = _capturing_call(_saved_calls[cls])
     _patch_depth += 1
@@ -151,7 +112,7 @@ def capturing_layers():
     with _patch_lock:
       _patch_depth -= 1
       if _patch_depth == 0:
-        for cls in _CAPTURED_TYPES:
+        for cls in layer_kinds.NNX_TYPES:
           cls.__call__ = _saved_calls.pop(cls)
 
 
@@ -159,7 +120,7 @@ def _captured_modules(model: nnx.Module) -> dict[str, nnx.Module]:
   return {
     paths.path_name(path): module
     for path, module in nnx.iter_modules(model)
-    if isinstance(module, _CAPTURED_TYPES)
+    if isinstance(module, layer_kinds.NNX_TYPES)
   }
 
 
@@ -200,6 +161,6 @@ def uncaptured_modules(
       type(module).__name__, stats_lib.UNKNOWN_TYPE
     )
     for path, module in nnx.iter_modules(model)
-    if not isinstance(module, _CAPTURED_TYPES)
+    if not isinstance(module, layer_kinds.NNX_TYPES)
     and isinstance(getattr(module, 'kernel', None), nnx.Param)
   }
