@@ -40,6 +40,7 @@ from frog_optax._src import jaxpr_capture
 from frog_optax._src import jaxpr_match
 from frog_optax._src import layouts as layouts_lib
 from frog_optax._src import paths
+from frog_optax._src import routing
 from frog_optax._src import stats as stats_lib
 from frog_optax._src import validation
 
@@ -52,17 +53,13 @@ def _leaf_paths(params) -> list[str]:
 def _module_level(kernel: str, bias: str | None, leaf_paths) -> str | None:
   """The module path when a layer is exactly a `{kernel, bias?}` dict."""
   module, _, name = kernel.rpartition('/')
-  if name != 'kernel' or bias not in (None, _join(module, 'bias')):
+  if name != 'kernel' or bias not in (None, routing.join_path(module, 'bias')):
     return None
   siblings = {
     p.rpartition('/')[2] for p in leaf_paths if p.rpartition('/')[0] == module
   }
   want = {'kernel'} if bias is None else {'kernel', 'bias'}
   return module if siblings == want else None
-
-
-def _join(module: str, name: str) -> str:
-  return f'{module}/{name}' if module else name
 
 
 def _place(params, leaf_entries: dict, module_entries: dict) -> Any:

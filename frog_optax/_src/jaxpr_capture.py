@@ -20,7 +20,6 @@ from jax.extend import core as jex_core
 from frog_optax._src import jaxpr_match
 from frog_optax._src import sampling
 from frog_optax._src import scopes
-from frog_optax._src import stats as stats_lib
 
 
 @dataclasses.dataclass
@@ -147,8 +146,3 @@ def _enter(eqn, invals, run: Pass, inputs: dict, key):
   outs, inner = remat(*invals)
   inputs.update(inner)
   return outs
-
-
-def refused_tree(found, leaf_paths) -> dict[str, stats_lib.UncapturedLayer]:
-  """`{leaf path: UncapturedLayer}` of the leaves the match refused."""
-  return {leaf_paths[i]: u for i, u in found.refused.items()}
