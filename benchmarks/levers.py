@@ -54,7 +54,7 @@ def variants(total_steps: int) -> dict[str, tuple[str, dict]]:
       "CG from the previous step's solution (one more matvec)",
       dict(warm_start=True),
     ),
-    f'warm start, k={k - 1}': (
+    f'warm start k={k - 1}': (
       'warm start at the matvec count of the base',
       dict(warm_start=True, cg_iters=k - 1),
     ),
@@ -82,6 +82,12 @@ def _chosen_lr(pieces: str, task_name: str) -> float:
 
 def run(task, data, learning_rate, seeds, timing_rounds, names=None):
   """Every variant's seeds on the validation split, and their step costs."""
+  known = variants(total_steps=1)  # the names do not depend on the steps
+  unknown = sorted(set(names or ()) - set(known))
+  if unknown:
+    raise ValueError(
+      f'variants {unknown} are not levers; known: {", ".join(known)}.'
+    )
   val = tasks_lib.validation_split(data)
   total_steps = len(val.y_train) // task.batch_size * task.num_epochs
   table = variants(total_steps)

@@ -32,9 +32,14 @@ def test_variants_change_one_setting_each():
   assert table['base'][1] == {}
   assert table['s=16'][1] == {'sample_size': optimizers.FROG_SAMPLE_SIZE // 2}
   several = [n for n, (_, o) in table.items() if n != 'base' and len(o) != 1]
-  assert several == ['warm start, k=3']  # at the base's matvec count
+  assert several == ['warm start k=3']  # at the base's matvec count
   schedule = table['warm-up'][1]['schedule'](lambda step: 0.3)
   assert schedule(0) == 0.0 and schedule(5) == pytest.approx(0.3)
+
+
+def test_an_unknown_variant_is_an_error():
+  with pytest.raises(ValueError, match=r"\['k=9'\] are not levers"):
+    levers.run(None, None, 0.1, (0,), 1, names=['base', 'k=9'])
 
 
 def test_without_a_frog_pick_the_levers_ask_for_one(tmp_path):
