@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from collections.abc import Mapping
 from typing import Any
 
 import jax as jax_lib
@@ -60,36 +59,6 @@ def _module_level(kernel: str, bias: str | None, leaf_paths) -> str | None:
   }
   want = {'kernel'} if bias is None else {'kernel', 'bias'}
   return module if siblings == want else None
-
-
-def _place(params, leaf_entries: dict, module_entries: dict) -> Any:
-  """The params-prefix stats tree: module-level entries, then leaf-level."""
-  nodes = {}
-
-  def walk(node, prefix):
-    name = '/'.join(prefix)
-    if isinstance(node, Mapping):
-      if prefix and name in module_entries:
-        nodes[id(node)] = module_entries[name]
-        return
-      for k, v in node.items():
-        walk(v, prefix + (str(k),))
-    elif isinstance(node, (list, tuple)) and not hasattr(node, '_fields'):
-      for i, v in enumerate(node):
-        walk(v, prefix + (str(i),))
-
-  if '' in module_entries:  # the parameters are one {kernel, bias} dict
-    return module_entries['']
-  walk(params, ())
-  return jax_lib.tree_util.tree_map_with_path(
-    lambda p, x: (
-      nodes[id(x)]
-      if id(x) in nodes
-      else leaf_entries.get(paths.path_name(paths.param_path(p)))
-    ),
-    params,
-    is_leaf=lambda x: id(x) in nodes,
-  )
 
 
 def value_and_grad(
@@ -236,7 +205,7 @@ def _stats(params, leaf_paths, found, capture, inputs, output_grads) -> Any:
       and module not in module_entries
     ):
       module_entries[module] = entry
-  return _place(params, leaf_entries, module_entries)
+  return stats_lib.place(params, {**leaf_entries, **module_entries})
 
 
 def _gathered(stats, axis_name):

@@ -157,7 +157,7 @@ def test_foof_auto_solves_small_layers_explicitly():
   state = tx.init(prob.params)
   layers = state[0].inner_states['frog'].inner_state[1].layers
   # Dense rows have D = 6 <= 10; the conv's D = 27 goes to CG (no state).
-  assert set(layers) == {'dense'}
+  assert layers['dense'] is not None and layers['conv'] is None
   want = ref.heavy_ball_loop(
     prob,
     _by_layer(
@@ -393,7 +393,9 @@ def test_state_from_other_parameters_is_an_error():
   prob = ref.problem()
   tx = fo.scale_by_kfrog()
   state = tx.init({'dense': prob.params['dense']})
-  with pytest.raises(ValueError, match="no entry for 'conv'"):
+  with pytest.raises(
+    ValueError, match=r"other parameters.*expected keys: \['conv'"
+  ):
     tx.update(prob.grads[0], state, frog_stats=prob.stats[0])
 
 
@@ -405,10 +407,48 @@ def test_frog_warm_start_validation_and_state():
   prob = ref.problem()
   tx = fo.scale_by_frog(warm_start=True)
   state = tx.init(prob.params)
-  assert set(state.layers) == {'conv', 'dense'}
+  # The state has the stats tree's structure: a layer's state where its
+  # LayerStats sit, None at every other leaf.
+  assert jax.tree.structure(state.layers, is_leaf=_is_kernel_dict) == (
+    jax.tree.structure(prob.stats[0], is_leaf=_is_stats)
+  )
   chex.assert_trees_all_equal_shapes(
     state.layers['dense'], prob.params['dense']
   )
   _, state = tx.update(prob.grads[0], state, frog_stats=prob.stats[0])
   assert np.any(state.layers['conv']['kernel'] != 0)  # the solution is kept
-  assert fo.scale_by_frog().init(prob.params).layers == {}  # stateless
+  stateless = fo.scale_by_frog().init(prob.params).layers
+  assert jax.tree.leaves(stateless) == []
+
+
+def _is_kernel_dict(x):
+  return isinstance(x, dict) and 'kernel' in x
+
+
+def _is_stats(x):
+  return isinstance(x, fo.LayerStats)
+
+
+@pytest.mark.parametrize('make', [fo.scale_by_frog, fo.scale_by_kfrog])
+def test_a_checkpoint_of_the_path_keyed_state_does_not_restore(make):
+  # Earlier builds kept the per-layer state as {'block/Dense_0': state}; it now has
+  # the parameters' nesting. Restoring an old checkpoint must fail loudly,
+  # never load one layer's state into another.
+  from flax import serialization
+
+  params = {
+    'block': {'Dense_0': {'kernel': jnp.ones((3, 2)), 'bias': jnp.zeros(2)}},
+    'norm': {'scale': jnp.ones(2)},
+  }
+  new = make().init(params)
+  flat = {
+    'block/Dense_0': layer
+    for layer in [new.layers['block']['Dense_0']]
+    if layer is not None
+  }
+  old = serialization.to_state_dict(new._replace(layers=flat))
+  with pytest.raises(ValueError, match='keys do not match'):
+    serialization.from_state_dict(new, old)
+  # The new layout round-trips.
+  again = serialization.from_state_dict(new, serialization.to_state_dict(new))
+  chex.assert_trees_all_equal(again, new)

@@ -55,7 +55,9 @@ class RowPreconditionerState(NamedTuple):
   """State of a family member's preconditioning step."""
 
   count: chex.Array  # shape=(), dtype=jnp.int32.
-  layers: dict[str, Any]  # {module path: the member's state for it}
+  # The member's state of each layer where the stats tree has its
+  # LayerStats (the module dict, or the kernel leaf), None elsewhere.
+  layers: Any
 
 
 def _check_layer_shapes(name, layer_stats, leaves):
@@ -161,7 +163,9 @@ def scale_by_row_preconditioner(
 
   Args:
     preconditioner: the member's per-layer rule.
-    exclude: normalised module paths that pass through unchanged.
+    exclude: module paths that pass through unchanged (the aliases route
+      them to their fallback instead; here they are routed to
+      `optax.identity`).
     layouts: which kernel axes of each module are rows, known at `init`:
       `None` (plain Dense/Conv kernels), a params-prefix tree of
       `ParamLayout`s or `LayerStats` (e.g. the stats of one step, or
@@ -173,7 +177,9 @@ def scale_by_row_preconditioner(
   Returns:
     A transformation whose `update` requires the keyword argument
     `frog_stats` (the stats tree of :func:`frog_optax.linen.value_and_grad`)
-    and ignores other extra arguments.
+    and ignores other extra arguments. Its state's `layers` has the
+    structure of the stats tree: each layer's state where its `LayerStats`
+    sit, `None` elsewhere.
 
   Example:
     A new member is one function: here, rows scaled by the inverse root
@@ -193,15 +199,16 @@ def scale_by_row_preconditioner(
     >>> u['Dense_0']['kernel'][0].tolist(), int(state.layers['Dense_0'])
     ([0.5, 0.5], 1)
   """
+  exclude = validation.normalize_paths('exclude', exclude)
+  shell = _shell(preconditioner, layouts)
+  if not exclude:
+    return shell
+  # Routing happens in one place: excluded layers go to the identity.
+  return routing.route(shell, optax.identity(), exclude, layouts)
 
-  def chosen_layers(tree):
-    """`{layer: {role: leaf path}}` of the layers this optimizer owns."""
-    table = routing.layer_table(tree, layouts)
-    return {
-      m: roles
-      for m, roles in table.items()
-      if not routing.is_excluded(m, exclude)
-    }
+
+def _shell(preconditioner, layouts) -> optax.GradientTransformationExtraArgs:
+  """The member applied to every layer of the tree it is given."""
 
   def init_module(name, leaves, layout):
     """The member's state of one module, in its row-stacked form."""
@@ -216,18 +223,19 @@ def scale_by_row_preconditioner(
     )
 
   def init_fn(params):
-    routing.preconditioned_modules(params, exclude, layouts)  # checks exclude
-    table = chosen_layers(params)
+    table = routing.layer_table(params, layouts)
     modules = routing.layer_leaves(params, table)
     validation.check_float_params(params, _owned_leaves(table))
     init_layouts = layouts_lib.layouts_by_path(layouts, params)
-    layers = {}
-    for m in table:
-      layout = init_layouts.get(m, stats_lib.ParamLayout())
-      layer_state = init_module(m, modules[m], layout)
-      if layer_state is not None:
-        layers[m] = layer_state
-    return RowPreconditionerState(count=jnp.zeros([], jnp.int32), layers=layers)
+    layers = {
+      m: init_module(
+        m, modules[m], init_layouts.get(m, stats_lib.ParamLayout())
+      )
+      for m in table
+    }
+    return RowPreconditionerState(
+      count=jnp.zeros([], jnp.int32), layers=stats_lib.place(params, layers)
+    )
 
   def update_module(name, leaves, layer_stats, layer_state, count):
     """One module: to the solve dtype and row-stacked form, the member's
@@ -245,35 +253,36 @@ def scale_by_row_preconditioner(
     u = layouts_lib.from_row_stacked(u, layout, leaves)
     return {k: u[k].astype(v.dtype) for k, v in leaves.items()}, layer_state
 
-  def check_module(name, leaves, layer_stats, state, init_layout):
-    _check_layer_shapes(name, layer_stats, leaves)
-    if name not in state.layers and preconditioner.init(leaves) is not None:
+  def layer_states(updates, state, table):
+    """`{layer: its state}`, or an error when the state is of other params."""
+    try:
+      return stats_lib.read(updates, state.layers, list(table))
+    except ValueError as e:
       raise ValueError(
-        f'The optimizer state has no entry for {name!r}: it was initialised'
-        ' with other parameters (or other `exclude` settings) than those'
-        f' it updates; state entries: {sorted(state.layers)[:10]}.'
-      )
-    if name in state.layers and layer_stats.layout != init_layout:
-      raise _layout_mismatch(name, init_layout, layer_stats.layout)
+        'The optimizer state was initialised with other parameters (or'
+        f' other `exclude` settings) than those it updates: {e}'
+      ) from None
 
   def update_fn(updates, state, params=None, *, frog_stats=_MISSING, **extra):
     del params, extra
-    table = chosen_layers(updates)
+    table = routing.layer_table(updates, layouts)
     modules = routing.layer_leaves(updates, table)
     by_path = _stats_of(list(table), frog_stats)
     validation.check_float_params(updates, _owned_leaves(table))
     init_layouts = layouts_lib.layouts_by_path(layouts, updates)
-    new_leaves, layers = {}, dict(state.layers)
+    old = layer_states(updates, state, table)
+    new_leaves, layers = {}, {}
     for m in table:
+      _check_layer_shapes(m, by_path[m], modules[m])
       init_layout = init_layouts.get(m, stats_lib.ParamLayout())
-      check_module(m, modules[m], by_path[m], state, init_layout)
-      new_leaves[m], layer_state = update_module(
-        m, modules[m], by_path[m], state.layers.get(m), state.count
+      if old[m] is not None and by_path[m].layout != init_layout:
+        raise _layout_mismatch(m, init_layout, by_path[m].layout)
+      new_leaves[m], layers[m] = update_module(
+        m, modules[m], by_path[m], old[m], state.count
       )
-      if layer_state is not None:
-        layers[m] = layer_state
     new_state = RowPreconditionerState(
-      count=optax.safe_increment(state.count), layers=layers
+      count=optax.safe_increment(state.count),
+      layers=stats_lib.place(updates, layers),
     )
     return routing.replace_layers(updates, table, new_leaves), new_state
 

@@ -212,36 +212,13 @@ def scale_by_frog(
   row_blocks: str = 'exact',
   warm_start: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
-  r"""Row-wise Fisher preconditioning with batched conjugate gradient.
+  r"""FROG's preconditioning step alone: no momentum, decay or learning rate.
 
-  For every output row `j` of each preconditioned layer (a Dense unit or a
-  Conv channel, its bias as a homogeneous coordinate) this solves, with `k`
-  CG iterations from zero,
-
-  .. math::
-    (F_j / (\operatorname{tr} F_j / D) + \tau_\ell I)\, z_j = g_j, \qquad
-    u_j = z_j / \sqrt{\langle z_j, g_j\rangle + \epsilon c_j^2},
-
-  where `F_j` is the empirical Fisher of the row estimated from the captured
-  sample, `c_j = max |g_j|`, and the layer's damping is
-
-  .. math::
-    \tau_\ell = \tau + \rho_{\mathrm{rank}} \cdot D / n
-
-  with `n` the (example, output position) samples behind each row Fisher
-  and `D` the row size. Its Fisher has rank at most `n`; the `D/n` term
-  shrinks it towards its mean eigenvalue as a covariance estimated from `n`
-  samples in `D` dimensions needs, so directions the sample did not see are
-  not scaled by `1/τ` (negligible for convolutions, where `n ≫ D`; decisive
-  for a Dense layer on a flattened feature map, where `D ≫ n`).
-
-  `u` is invariant to the scale of the loss, also in float32 (from 1e-5 to
-  1e30 loss scales): output gradients and `g_j` are divided by their
-  largest entry per row before they are squared, which changes nothing else.
-  A row whose Fisher has zero trace (a dead unit: its sampled inputs or
-  output gradients are all zero) is solved with the identity, so it moves
-  along its normalised gradient `g_j / |g_j|` (0 when `g_j = 0`). This is
-  the preconditioning step alone; see :func:`frog` for the full optimizer.
+  For every output row `j` of each preconditioned layer it solves
+  `(F_j/(tr F_j/D) + τ_ℓ I) z_j = g_j` with `k` CG iterations and returns
+  `u_j = z_j / √(⟨z_j, g_j⟩ + ε c_j²)`; the math, the per-layer damping
+  `τ_ℓ` and the treatment of dead rows are written once, in :func:`frog`.
+  Give it momentum (or any direction) as `g`.
 
   Leaves of modules that are not Dense/Conv-like (see
   :func:`preconditioned_modules`) or that are excluded pass through unchanged;
@@ -376,9 +353,26 @@ def frog(
     \theta_j \leftarrow (1-\eta\rho)\theta_j - \eta\, z_j /
       \sqrt{\langle z_j, m_j\rangle + \epsilon c_j^2},
 
-  with `τ_ℓ = damping + rank_damping·D/n` per layer (`n` samples behind a
-  row Fisher of `D` entries) and `c_j = max |m_j|`; see
-  :func:`scale_by_frog` for why, and for rows without curvature.
+  where `F_j` is the empirical Fisher of row `j` (its bias a homogeneous
+  coordinate) estimated from the captured sample, `c_j = max |m_j|`, and the
+  layer's damping is
+
+  .. math::
+    \tau_\ell = \tau + \rho_{\mathrm{rank}} \cdot D / n
+
+  with `n` the (example, output position) samples behind each row Fisher
+  and `D` the row size. Its Fisher has rank at most `n`; the `D/n` term
+  shrinks it towards its mean eigenvalue as a covariance estimated from `n`
+  samples in `D` dimensions needs, so directions the sample did not see are
+  not scaled by `1/τ` (negligible for convolutions, where `n ≫ D`; decisive
+  for a Dense layer on a flattened feature map, where `D ≫ n`).
+
+  The step is invariant to the scale of the loss, also in float32 (from
+  1e-5 to 1e30 loss scales): output gradients and `m_j` are divided by their
+  largest entry per row before they are squared, which changes nothing else.
+  A row whose Fisher has zero trace (a dead unit: its sampled inputs or
+  output gradients are all zero) is solved with the identity, so it moves
+  along its normalised direction `m_j / |m_j|` (0 when `m_j = 0`).
 
   Every row moves a fixed Fisher distance η per step, whatever the gradient
   or loss scale, so the learning-rate schedule controls convergence.
