@@ -14,8 +14,10 @@ before the clock starts, and evaluation is excluded.
 
 A long task runs in pieces: with a `pieces` folder, each optimizer's sweep
 and seeds are written there as soon as they finish and reused by a later
-call, so an interrupted run resumes where it stopped; the step costs are
-always measured afresh, all optimizers interleaved in one process.
+call, so an interrupted run resumes where it stopped, and a grid extended
+by a point trains only that point (and the seeds, if the pick moves); the
+step costs are always measured afresh, all optimizers interleaved in one
+process.
 """
 
 import json
@@ -99,11 +101,17 @@ def train_run(task, spec, data, learning_rate, seed, desc='', final_only=False):
   )
 
 
-def sweep(task, spec, data):
-  """Learning-rate sweep on the validation split; returns trials and pick."""
+def sweep(task, spec, data, finished=()):
+  """Learning-rate sweep on the validation split; returns trials and pick.
+
+  `finished` holds trials of an earlier sweep of the same optimizer: a
+  learning rate found there is not trained again.
+  """
   val = tasks_lib.validation_split(data)
+  done = {t['learning_rate']: t for t in finished}
   trials = [
-    train_run(
+    done.get(lr)
+    or train_run(
       task,
       spec,
       val,
@@ -197,17 +205,30 @@ def aggregate(seed_runs, targets) -> dict[str, Any]:
   )
 
 
-def run_optimizer(task, spec, data, seeds, learning_rate=None):
-  """One optimizer's sweep (unless `learning_rate` is given) and seeds."""
+def run_optimizer(
+  task, spec, data, seeds, learning_rate=None, previous=None
+):
+  """One optimizer's sweep (unless `learning_rate` is given) and seeds.
+
+  `previous` is an earlier entry of the same optimizer (same description)
+  on another grid or seeds: its sweep points on the new grid are reused,
+  and so are its seed runs at the learning rate chosen now.
+  """
   entry = dict(description=spec.description, grid=list(spec.learning_rates))
+  reusable = previous if _same_optimizer(previous, spec) else {}
   if learning_rate is None:
-    entry['sweep'] = sweep(task, spec, data)
+    finished = (reusable.get('sweep') or {}).get('trials', ())
+    entry['sweep'] = sweep(task, spec, data, finished)
     learning_rate = entry['sweep']['chosen_learning_rate']
   else:
     entry['sweep'] = None
   entry['learning_rate'] = learning_rate
+  done = {}
+  if reusable.get('learning_rate') == learning_rate:
+    done = {r['seed']: r for r in reusable['seed_runs']}
   entry['seed_runs'] = [
-    train_run(
+    done.get(seed)
+    or train_run(
       task, spec, data, learning_rate, seed, desc=f'{spec.name} seed {seed}'
     )
     for seed in seeds
@@ -216,11 +237,17 @@ def run_optimizer(task, spec, data, seeds, learning_rate=None):
   return entry
 
 
+def _same_optimizer(entry, spec) -> bool:
+  return bool(entry) and entry['description'] == spec.description
+
+
 def _piece_matches(entry, spec, seeds) -> bool:
-  """A saved piece is reused only for the same grid and seeds."""
-  return entry['grid'] == list(spec.learning_rates) and [
-    r['seed'] for r in entry['seed_runs']
-  ] == list(seeds)
+  """A saved piece is reused whole only for the same grid and seeds."""
+  return (
+    _same_optimizer(entry, spec)
+    and entry['grid'] == list(spec.learning_rates)
+    and [r['seed'] for r in entry['seed_runs']] == list(seeds)
+  )
 
 
 def run_task(
@@ -237,20 +264,26 @@ def run_task(
     learning_rates: `{optimizer: rate}` that skip the sweep.
     pieces: a folder for one JSON per optimizer, written when it finishes
       and reused when present (same grid and seeds), so that a long task
-      runs over several calls.
+      runs over several calls. A piece on another grid or seeds lends its
+      finished sweep points and seed runs (see `run_optimizer`).
   """
   result = dict(task=task.name, description=task.description, optimizers={})
   for spec in specs:
     path = pieces and os.path.join(pieces, f'{spec.name}.json')
-    entry = None
+    entry = previous = None
     if path and os.path.exists(path):
       with open(path) as f:
-        entry = json.load(f)
-      if not _piece_matches(entry, spec, seeds):
-        entry = None
+        previous = json.load(f)
+      if _piece_matches(previous, spec, seeds):
+        entry = previous
     if entry is None:
       entry = run_optimizer(
-        task, spec, data, seeds, (learning_rates or {}).get(spec.name)
+        task,
+        spec,
+        data,
+        seeds,
+        (learning_rates or {}).get(spec.name),
+        previous,
       )
       if path:
         os.makedirs(pieces, exist_ok=True)

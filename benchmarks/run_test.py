@@ -289,3 +289,47 @@ def test_a_task_without_its_data_file_is_skipped(tmp_path, capsys):
   argv += [str(tmp_path), '--data', str(tmp_path / 'absent.npz')]
   assert run.main(argv) == []
   assert 'skipping fashion_convnet' in capsys.readouterr().out
+
+
+def test_an_extended_grid_trains_only_its_new_points(monkeypatch):
+  trained = []
+
+  def fake_run(task, spec, data, lr, seed, desc='', final_only=False):
+    trained.append((lr, 'sweep' if final_only else seed))
+    # Validation accuracy peaks at lr 0.03; seed runs differ by seed.
+    accuracy = 1.0 - abs(np.log10(lr / 0.03)) if final_only else 0.5 + seed
+    return dict(
+      learning_rate=lr,
+      seed=seed,
+      final_accuracy=accuracy,
+      diverged=False,
+      train_seconds=1.0,
+      to_target={str(a): None for a in (0.5,)},
+    )
+
+  monkeypatch.setattr(protocol, 'train_run', fake_run)
+  monkeypatch.setattr(tasks, 'validation_split', lambda data: data)
+  task = dataclasses.replace(tasks.get('smoke'), targets=(0.5,))
+  spec = dataclasses.replace(optimizers.get('sgd'), learning_rates=(0.1, 0.3))
+  old = protocol.run_optimizer(task, spec, None, seeds=(0, 1))
+  assert old['learning_rate'] == 0.1  # the low edge of the old grid
+
+  # The grid grows downwards: only 0.03 is new, and the pick moves to it,
+  # so the seeds train again; the old points are not trained twice.
+  trained.clear()
+  wider = dataclasses.replace(spec, learning_rates=(0.03, 0.1, 0.3))
+  new = protocol.run_optimizer(task, wider, None, (0, 1), previous=old)
+  assert trained == [(0.03, 'sweep'), (0.03, 0), (0.03, 1)]
+  assert new['sweep']['trials'][1:] == old['sweep']['trials']
+
+  # A third seed at an unchanged pick trains that seed alone.
+  trained.clear()
+  more = protocol.run_optimizer(task, wider, None, (0, 1, 2), previous=new)
+  assert trained == [(0.03, 2)]
+  assert more['seed_runs'][:2] == new['seed_runs']
+
+  # Another optimizer's piece (another description) lends nothing.
+  trained.clear()
+  other = dataclasses.replace(wider, description='something else')
+  protocol.run_optimizer(task, other, None, (0,), previous=more)
+  assert trained == [(0.03, 'sweep'), (0.1, 'sweep'), (0.3, 'sweep'), (0.03, 0)]
