@@ -205,9 +205,7 @@ def aggregate(seed_runs, targets) -> dict[str, Any]:
   )
 
 
-def run_optimizer(
-  task, spec, data, seeds, learning_rate=None, previous=None
-):
+def run_optimizer(task, spec, data, seeds, learning_rate=None, previous=None):
   """One optimizer's sweep (unless `learning_rate` is given) and seeds.
 
   `previous` is an earlier entry of the same optimizer (same description)

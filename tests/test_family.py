@@ -431,9 +431,9 @@ def _is_stats(x):
 
 @pytest.mark.parametrize('make', [fo.scale_by_frog, fo.scale_by_kfrog])
 def test_a_checkpoint_of_the_path_keyed_state_does_not_restore(make):
-  # Earlier builds kept the per-layer state as {'block/Dense_0': state}; it now has
-  # the parameters' nesting. Restoring an old checkpoint must fail loudly,
-  # never load one layer's state into another.
+  # Earlier builds kept the per-layer state as {'block/Dense_0': state}; it
+  # now has the parameters' nesting. Restoring an old checkpoint must fail
+  # loudly, never load one layer's state into another.
   from flax import serialization
 
   params = {
@@ -441,11 +441,8 @@ def test_a_checkpoint_of_the_path_keyed_state_does_not_restore(make):
     'norm': {'scale': jnp.ones(2)},
   }
   new = make().init(params)
-  flat = {
-    'block/Dense_0': layer
-    for layer in [new.layers['block']['Dense_0']]
-    if layer is not None
-  }
+  layer = new.layers['block']['Dense_0']
+  flat = {} if layer is None else {'block/Dense_0': layer}
   old = serialization.to_state_dict(new._replace(layers=flat))
   with pytest.raises(ValueError, match='keys do not match'):
     serialization.from_state_dict(new, old)
