@@ -13,13 +13,14 @@ Training wall-clock counts steps only: compilation happens in a warm-up
 before the clock starts, and evaluation is excluded.
 
 A long task runs in pieces: with a `pieces` folder, each optimizer's sweep
-and seeds are written there as soon as they finish and reused by a later
-call, so an interrupted run resumes where it stopped, and a grid extended
+and seeds are written there after each run and reused by a later call, so
+an interrupted call resumes where it stopped, and a grid extended
 by a point trains only that point (and the seeds, if the pick moves); the
 step costs are always measured afresh, all optimizers interleaved in one
 process.
 """
 
+import functools
 import json
 import os
 import time
@@ -101,34 +102,40 @@ def train_run(task, spec, data, learning_rate, seed, desc='', final_only=False):
   )
 
 
-def sweep(task, spec, data, finished=()):
+def sweep(task, spec, data, finished=(), on_trial=None):
   """Learning-rate sweep on the validation split; returns trials and pick.
 
   `finished` holds trials of an earlier sweep of the same optimizer: a
-  learning rate found there is not trained again.
+  learning rate found there is not trained again. `on_trial`, when given,
+  is called with the trials so far after each one that trains.
   """
   val = tasks_lib.validation_split(data)
   done = {t['learning_rate']: t for t in finished}
-  trials = [
-    done.get(lr)
-    or train_run(
-      task,
-      spec,
-      val,
-      lr,
-      seed=0,
-      desc=f'{spec.name} lr={lr:g}',
-      final_only=True,
-    )
-    for lr in spec.learning_rates
-  ]
+  trials = []
+  for lr in spec.learning_rates:
+    trial = done.get(lr)
+    if trial is None:
+      run = train_run(
+        task,
+        spec,
+        val,
+        lr,
+        seed=0,
+        desc=f'{spec.name} lr={lr:g}',
+        final_only=True,
+      )
+      trial = {
+        k: run[k] for k in ('learning_rate', 'final_accuracy', 'diverged')
+      }
+      trials.append(trial)
+      if on_trial:
+        on_trial(list(trials))
+    else:
+      trials.append(trial)
   scores = [t['final_accuracy'] for t in trials]
   best = int(np.argmax(scores))
   return dict(
-    trials=[
-      {k: t[k] for k in ('learning_rate', 'final_accuracy', 'diverged')}
-      for t in trials
-    ],
+    trials=trials,
     chosen_learning_rate=spec.learning_rates[best],
     chosen_at_grid_edge=best in (0, len(scores) - 1),
   )
@@ -205,18 +212,30 @@ def aggregate(seed_runs, targets) -> dict[str, Any]:
   )
 
 
-def run_optimizer(task, spec, data, seeds, learning_rate=None, previous=None):
+def run_optimizer(
+  task, spec, data, seeds, learning_rate=None, previous=None, save=None
+):
   """One optimizer's sweep (unless `learning_rate` is given) and seeds.
 
   `previous` is an earlier entry of the same optimizer (same description)
-  on another grid or seeds: its sweep points on the new grid are reused,
-  and so are its seed runs at the learning rate chosen now.
+  on another grid or seeds, or one left unfinished: its sweep points on
+  the new grid are reused, and so are its seed runs at the learning rate
+  chosen now. `save`, when given, is called with the unfinished entry
+  (marked `'unfinished': True`) after each run that trains, so that an
+  interrupted call loses one run at most.
   """
   entry = dict(description=spec.description, grid=list(spec.learning_rates))
+  entry['unfinished'] = True
   reusable = previous if _same_optimizer(previous, spec) else {}
+
+  def keep_trials(trials):
+    entry['sweep'] = dict(trials=trials)
+    if save:
+      save(entry)
+
   if learning_rate is None:
     finished = (reusable.get('sweep') or {}).get('trials', ())
-    entry['sweep'] = sweep(task, spec, data, finished)
+    entry['sweep'] = sweep(task, spec, data, finished, keep_trials)
     learning_rate = entry['sweep']['chosen_learning_rate']
   else:
     entry['sweep'] = None
@@ -224,15 +243,27 @@ def run_optimizer(task, spec, data, seeds, learning_rate=None, previous=None):
   done = {}
   if reusable.get('learning_rate') == learning_rate:
     done = {r['seed']: r for r in reusable['seed_runs']}
-  entry['seed_runs'] = [
-    done.get(seed)
-    or train_run(
-      task, spec, data, learning_rate, seed, desc=f'{spec.name} seed {seed}'
-    )
-    for seed in seeds
-  ]
+  entry['seed_runs'] = []
+  for seed in seeds:
+    run = done.get(seed)
+    if run is None:
+      run = train_run(
+        task, spec, data, learning_rate, seed, desc=f'{spec.name} seed {seed}'
+      )
+      entry['seed_runs'].append(run)
+      if save:
+        save(entry)
+    else:
+      entry['seed_runs'].append(run)
+  del entry['unfinished']
   entry['summary'] = aggregate(entry['seed_runs'], task.targets)
   return entry
+
+
+def _write_piece(folder, path, entry):
+  os.makedirs(folder, exist_ok=True)
+  with open(path, 'w') as f:
+    json.dump(entry, f, indent=1)
 
 
 def _same_optimizer(entry, spec) -> bool:
@@ -243,6 +274,7 @@ def _piece_matches(entry, spec, seeds) -> bool:
   """A saved piece is reused whole only for the same grid and seeds."""
   return (
     _same_optimizer(entry, spec)
+    and not entry.get('unfinished')
     and entry['grid'] == list(spec.learning_rates)
     and [r['seed'] for r in entry['seed_runs']] == list(seeds)
   )
@@ -260,10 +292,11 @@ def run_task(
     seeds: seeds of the final runs.
     timing_rounds: rounds of the interleaved step timer.
     learning_rates: `{optimizer: rate}` that skip the sweep.
-    pieces: a folder for one JSON per optimizer, written when it finishes
-      and reused when present (same grid and seeds), so that a long task
-      runs over several calls. A piece on another grid or seeds lends its
-      finished sweep points and seed runs (see `run_optimizer`).
+    pieces: a folder for one JSON per optimizer, written after each run
+      and reused when finished (same grid and seeds), so that a long task
+      runs over several calls. A piece on another grid or seeds, or one
+      left unfinished, lends its finished sweep points and seed runs (see
+      `run_optimizer`).
   """
   result = dict(task=task.name, description=task.description, optimizers={})
   for spec in specs:
@@ -282,11 +315,10 @@ def run_task(
         seeds,
         (learning_rates or {}).get(spec.name),
         previous,
+        save=path and functools.partial(_write_piece, pieces, path),
       )
       if path:
-        os.makedirs(pieces, exist_ok=True)
-        with open(path, 'w') as f:
-          json.dump(entry, f, indent=1)
+        _write_piece(pieces, path, entry)
     result['optimizers'][spec.name] = entry
     print(
       f'{task.name} {spec.name}: lr {entry["learning_rate"]:g}, test accuracy'

@@ -8,7 +8,7 @@ Writes `<out>/<suite>/<task>.json` (raw: command, machine, versions,
 seeds, every history) per task, then `summary.md` and the plots drawn from
 those files (`benchmarks.report`). A task whose data is missing is skipped
 with a message. Each optimizer's sweep and seeds are kept in
-`<out>/<suite>/pieces/<task>/` as they finish, and a later call reuses them:
+`<out>/<suite>/pieces/<task>/` after each run, and a later call reuses them:
 a suite that takes hours runs in pieces (the step costs are measured in
 every call, all optimizers of the call interleaved).
 """

@@ -291,12 +291,17 @@ def test_a_task_without_its_data_file_is_skipped(tmp_path, capsys):
   assert 'skipping fashion_convnet' in capsys.readouterr().out
 
 
-def test_an_extended_grid_trains_only_its_new_points(monkeypatch):
-  trained = []
+def _fake_training(monkeypatch, trained, stop_after=None):
+  """`protocol.train_run` replaced: logs (lr, 'sweep' or seed) in `trained`.
+
+  Validation accuracy peaks at lr 0.03 and seed runs differ by seed; after
+  `stop_after` runs it raises, as an interrupted call would.
+  """
 
   def fake_run(task, spec, data, lr, seed, desc='', final_only=False):
+    if stop_after is not None and len(trained) == stop_after:
+      raise KeyboardInterrupt
     trained.append((lr, 'sweep' if final_only else seed))
-    # Validation accuracy peaks at lr 0.03; seed runs differ by seed.
     accuracy = 1.0 - abs(np.log10(lr / 0.03)) if final_only else 0.5 + seed
     return dict(
       learning_rate=lr,
@@ -309,7 +314,12 @@ def test_an_extended_grid_trains_only_its_new_points(monkeypatch):
 
   monkeypatch.setattr(protocol, 'train_run', fake_run)
   monkeypatch.setattr(tasks, 'validation_split', lambda data: data)
-  task = dataclasses.replace(tasks.get('smoke'), targets=(0.5,))
+  return dataclasses.replace(tasks.get('smoke'), targets=(0.5,))
+
+
+def test_an_extended_grid_trains_only_its_new_points(monkeypatch):
+  trained = []
+  task = _fake_training(monkeypatch, trained)
   spec = dataclasses.replace(optimizers.get('sgd'), learning_rates=(0.1, 0.3))
   old = protocol.run_optimizer(task, spec, None, seeds=(0, 1))
   assert old['learning_rate'] == 0.1  # the low edge of the old grid
@@ -333,3 +343,31 @@ def test_an_extended_grid_trains_only_its_new_points(monkeypatch):
   other = dataclasses.replace(wider, description='something else')
   protocol.run_optimizer(task, other, None, (0,), previous=more)
   assert trained == [(0.03, 'sweep'), (0.1, 'sweep'), (0.3, 'sweep'), (0.03, 0)]
+
+
+@pytest.mark.parametrize('stop_after', [2, 4])  # in the sweep, in the seeds
+def test_an_interrupted_piece_resumes_where_it_stopped(
+  monkeypatch, tmp_path, stop_after
+):
+  grid = (0.01, 0.03, 0.1)
+  spec = dataclasses.replace(optimizers.get('sgd'), learning_rates=grid)
+  pieces = str(tmp_path)
+  trained = []
+  task = _fake_training(monkeypatch, trained, stop_after)
+  monkeypatch.setattr(protocol, 'step_costs', lambda *args: {})
+  with pytest.raises(KeyboardInterrupt):
+    protocol.run_task(task, [spec], None, (0, 1), 1, pieces=pieces)
+  with open(os.path.join(pieces, 'sgd.json')) as f:
+    saved = json.load(f)
+  assert saved['unfinished'] and 'summary' not in saved
+  before = list(trained)
+
+  trained.clear()
+  _fake_training(monkeypatch, trained)
+  result = protocol.run_task(task, [spec], None, (0, 1), 1, pieces=pieces)
+  everything = [(lr, 'sweep') for lr in grid] + [(0.03, 0), (0.03, 1)]
+  assert before + trained == everything  # nothing trained twice
+  entry = result['optimizers']['sgd']
+  assert 'unfinished' not in entry and entry['learning_rate'] == 0.03
+  with open(os.path.join(pieces, 'sgd.json')) as f:
+    assert json.load(f) == entry
