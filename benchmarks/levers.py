@@ -12,7 +12,9 @@ trains at the task's FROG learning rate (the protocol's pick, read from the
 suite's pieces, or `--lr`) with every seed on the training split minus the
 held-out validation split, and is scored on that validation split (the test
 split is never used). The step costs of all variants are timed interleaved
-in one process. Writes `<out>/levers_<task>.json` and `.md`.
+in one process. Writes `<out>/levers_<task>.json` and `.md`; a variant
+already in that file at the same learning rate, seeds and change is reused,
+not trained again (its step cost is timed afresh with the others).
 """
 
 import argparse
@@ -80,8 +82,14 @@ def _chosen_lr(pieces: str, task_name: str) -> float:
     return json.load(f)['learning_rate']
 
 
-def run(task, data, learning_rate, seeds, timing_rounds, names=None):
-  """Every variant's seeds on the validation split, and their step costs."""
+def run(
+  task, data, learning_rate, seeds, timing_rounds, names=None, finished=None
+):
+  """Every variant's seeds on the validation split, and their step costs.
+
+  `finished` is an earlier result's `variants`: one there with the same
+  change, learning rate and seeds lends its seed runs.
+  """
   known = variants(total_steps=1)  # the names do not depend on the steps
   unknown = sorted(set(names or ()) - set(known))
   if unknown:
@@ -100,7 +108,7 @@ def run(task, data, learning_rate, seeds, timing_rounds, names=None):
   ]
   out = {}
   for spec in specs:
-    runs = [
+    runs = _finished_runs(finished, spec, learning_rate, seeds) or [
       protocol.train_run(
         task, spec, val, learning_rate, seed, desc=f'{spec.name} seed {seed}'
       )
@@ -125,6 +133,18 @@ def run(task, data, learning_rate, seeds, timing_rounds, names=None):
       ratio_to_base=c['step_seconds'] / base if base else None,
     )
   return out
+
+
+def _finished_runs(finished, spec, learning_rate, seeds):
+  """The seed runs of `spec` in `finished`, if it ran as asked now."""
+  earlier = (finished or {}).get(spec.name)
+  if not earlier or earlier['description'] != spec.description:
+    return None
+  runs = earlier['seed_runs']
+  same = [r['seed'] for r in runs] == list(seeds) and all(
+    r['learning_rate'] == learning_rate for r in runs
+  )
+  return runs if same else None
 
 
 def table(result: dict) -> str:
@@ -202,6 +222,11 @@ def main(argv=None) -> dict:
   lr = args.lr if args.lr is not None else _chosen_lr(args.pieces, task.name)
   seeds = [int(s) for s in args.seeds.split(',')]
   names = args.variants.split(',') if args.variants else None
+  path = os.path.join(args.out, f'levers_{task.name}.json')
+  finished = None
+  if os.path.exists(path):
+    with open(path) as f:
+      finished = json.load(f)['variants']
   result = dict(
     record.environment(),
     kind='levers',
@@ -211,7 +236,7 @@ def main(argv=None) -> dict:
     seeds=seeds,
     targets=list(task.targets),
     split='validation (the last 20% of the training split)',
-    variants=run(task, data, lr, seeds, args.timing_rounds, names),
+    variants=run(task, data, lr, seeds, args.timing_rounds, names, finished),
   )
   result['verdicts'] = helps(result) if 'base' in result['variants'] else {}
   text = '\n'.join(
@@ -225,7 +250,7 @@ def main(argv=None) -> dict:
       *(f'- {n}: {v}' for n, v in result['verdicts'].items()),
     ]
   )
-  record.write(result, os.path.join(args.out, f'levers_{task.name}.json'), text)
+  record.write(result, path, text)
   return result
 
 

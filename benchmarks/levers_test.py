@@ -9,7 +9,9 @@ from benchmarks import optimizers
 from benchmarks import report
 
 
-def test_levers_train_on_validation_and_time_every_variant(tmp_path):
+def test_levers_train_on_validation_and_time_every_variant(
+  tmp_path, monkeypatch
+):
   argv = ['--task', 'smoke', '--lr', '0.1', '--seeds', '0,1']
   argv += ['--variants', 'base,k=2', '--timing-rounds', '2']
   result = levers.main([*argv, '--out', str(tmp_path)])
@@ -25,6 +27,30 @@ def test_levers_train_on_validation_and_time_every_variant(tmp_path):
   assert '| k=2 | half the CG iterations |' in text
   assert result['verdicts']['k=2'].startswith(('within', 'better', 'worse'))
   assert report.load(str(tmp_path)) == ([], [])  # not read as a task
+
+  # A second call with one more variant trains that one alone: the
+  # finished ones are reused, and every step cost is timed again.
+  trained = []
+  train_run = levers.protocol.train_run
+
+  def logged(task, spec, *args, **kwargs):
+    trained.append(spec.name)
+    return train_run(task, spec, *args, **kwargs)
+
+  monkeypatch.setattr(levers.protocol, 'train_run', logged)
+  argv[argv.index('base,k=2')] = 'base,k=2,s=16'
+  again = levers.main([*argv, '--out', str(tmp_path)])
+  assert trained == ['s=16', 's=16']
+  assert list(again['variants']) == ['base', 's=16', 'k=2']  # table order
+  for name in ('base', 'k=2'):
+    assert again['variants'][name]['seed_runs'] == json.loads(
+      json.dumps(result['variants'][name]['seed_runs'])
+    )
+  # At another learning rate nothing is reused.
+  trained.clear()
+  argv[argv.index('0.1')] = '0.2'
+  levers.main([*argv, '--out', str(tmp_path), '--variants', 'base'])
+  assert trained == ['base', 'base']
 
 
 def test_variants_change_one_setting_each():
