@@ -131,16 +131,20 @@ def _muon(model, lr, task):
   return trainers.optax_trainer(model, tx)
 
 
-def _kfac(model, lr, task):
-  del task
-  return trainers.kfac_trainer(
-    model,
-    lr,
-    momentum=0.9,
-    damping=1e-3,
-    weight_decay=WEIGHT_DECAY,
-    inverse_update_period=5,
-  )
+def _kfac(adaptive_damping):
+  def build(model, lr, task):
+    del task
+    return trainers.kfac_trainer(
+      model,
+      lr,
+      momentum=0.9,
+      damping=1e-3,
+      weight_decay=WEIGHT_DECAY,
+      inverse_update_period=5,
+      adaptive_damping=adaptive_damping,
+    )
+
+  return build
 
 
 def _family(alias, **options):
@@ -205,7 +209,17 @@ register(
     'kfac_jax.Optimizer: momentum 0.9, damping 1e-3, inverses every 5'
     f' steps, curvature EMA 0.95, l2 {WEIGHT_DECAY}',
     (3e-4, 1e-3, 3e-3, 1e-2, 3e-2),
-    _kfac,
+    _kfac(adaptive_damping=False),
+  )
+)
+register(
+  OptimizerSpec(
+    'kfac_adaptive',
+    "kfac_jax.Optimizer with its adaptive damping (from 1e-3, kfac-jax's"
+    ' Levenberg-Marquardt rule every 5 steps): momentum 0.9, inverses every'
+    f' 5 steps, curvature EMA 0.95, l2 {WEIGHT_DECAY}',
+    (3e-4, 1e-3, 3e-3, 1e-2, 3e-2),
+    _kfac(adaptive_damping=True),
   )
 )
 

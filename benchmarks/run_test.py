@@ -160,6 +160,20 @@ def test_each_optimizer_fits_one_batch(name):
   assert losses[-1] < 0.8 * losses[0], losses
 
 
+def test_kfac_adaptive_damping_moves_from_its_start():
+  task = tasks.get('smoke')
+  data = tasks.subsample(task.load(None), 64, 8)
+  _, trainer, init, (x, y) = protocol.build(
+    task, optimizers.get('kfac_adaptive'), data, 1e-2, 0, 1000
+  )
+  state = init()
+  assert float(state[2].damping) == pytest.approx(1e-3)
+  for _ in range(12):  # two adaptations, at steps 5 and 10
+    state, _ = trainer.step(state, x, y)
+  damping = float(state[2].damping)
+  assert 0 < damping and damping != pytest.approx(1e-3, rel=0.01)
+
+
 def test_kfac_compat_evaluates_equations_like_jax():
   """The patched helper binds every equation kind to jax's own results."""
   from kfac_jax._src import tag_graph_matcher  # noqa: PLC0415

@@ -110,11 +110,15 @@ def kfac_trainer(
   weight_decay: float,
   inverse_update_period: int,
   curvature_ema: float = 0.95,
+  adaptive_damping: bool = False,
 ) -> Trainer:
-  """kfac-jax's own optimizer (fixed momentum and damping, given schedule).
+  """kfac-jax's own optimizer (fixed momentum, given schedule).
 
   The curvature is kfac-jax's default estimator (Fisher with labels sampled
-  from the model); `weight_decay` is its `l2_reg`.
+  from the model); `weight_decay` is its `l2_reg`. The damping is fixed, or
+  with `adaptive_damping` starts at `damping` and follows kfac-jax's
+  Levenberg-Marquardt rule (the reduction ratio of its quadratic model,
+  every 5 steps by its default).
   """
   import kfac_jax  # noqa: PLC0415
 
@@ -132,10 +136,11 @@ def kfac_trainer(
     value_func_has_rng=False,
     learning_rate_schedule=learning_rate,
     momentum_schedule=lambda _: momentum,
-    damping_schedule=lambda _: damping,
+    damping_schedule=None if adaptive_damping else lambda _: damping,
+    initial_damping=damping if adaptive_damping else None,
     use_adaptive_learning_rate=False,
     use_adaptive_momentum=False,
-    use_adaptive_damping=False,
+    use_adaptive_damping=adaptive_damping,
     num_burnin_steps=0,
     curvature_ema=curvature_ema,
     inverse_update_period=inverse_update_period,
