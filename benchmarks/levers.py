@@ -61,6 +61,10 @@ def variants(total_steps: int) -> dict[str, tuple[str, dict]]:
       dict(warm_start=True, cg_iters=k - 1),
     ),
     'head preconditioned': ('nothing excluded', dict(exclude=())),
+    f's={s // 2} + head preconditioned': (
+      'half the Fisher sample, nothing excluded',
+      dict(sample_size=s // 2, exclude=()),
+    ),
     'other_lr_ratio 0.25': (
       "the fallback at the reference's 0.25 x lr",
       dict(other_lr_ratio=0.25),

@@ -58,7 +58,11 @@ def test_variants_change_one_setting_each():
   assert table['base'][1] == {}
   assert table['s=16'][1] == {'sample_size': optimizers.FROG_SAMPLE_SIZE // 2}
   several = [n for n, (_, o) in table.items() if n != 'base' and len(o) != 1]
-  assert several == ['warm start k=3']  # at the base's matvec count
+  # At the base's matvec count; and two single changes together.
+  assert several == ['warm start k=3', 's=16 + head preconditioned']
+  assert table['s=16 + head preconditioned'][1] == dict(
+    table['s=16'][1], **table['head preconditioned'][1]
+  )
   schedule = table['warm-up'][1]['schedule'](lambda step: 0.3)
   assert schedule(0) == 0.0 and schedule(5) == pytest.approx(0.3)
 

@@ -154,6 +154,12 @@ def kfac_trainer(
     batch_stats = variables.get('batch_stats', {})
     key, init_key = jax.random.split(key)
     opt_state = opt.init(params, init_key, (x, y), func_state=batch_stats)
+    if adaptive_damping:
+      # kfac-jax makes its damping a float64 under jax_enable_x64, which then
+      # promotes the float32 curvature factors, and its lax.cond refuses the
+      # mixed dtypes: the damping takes the parameters' dtype.
+      dtype = jax.tree.leaves(params)[0].dtype
+      opt_state.damping = opt_state.damping.astype(dtype)
     return params, batch_stats, opt_state, key, 0
 
   def step(state, x, y):
