@@ -63,7 +63,7 @@ def variants(total_steps: int) -> dict[str, tuple[str, dict]]:
     'head preconditioned': ('nothing excluded', dict(exclude=())),
     f's={s // 2} + head preconditioned': (
       'half the Fisher sample, nothing excluded',
-      dict(sample_size=s // 2, exclude=()),
+      optimizers_lib.FROG_S16_SETTINGS,
     ),
     'other_lr_ratio 0.25': (
       "the fallback at the reference's 0.25 x lr",

@@ -29,6 +29,8 @@ from harness import trainers
 WEIGHT_DECAY = 1e-4
 FROG_SAMPLE_SIZE = 32
 FROG_CG_ITERS = 4
+# The levers' pick on Fashion-MNIST (`frog_s16`, and the lever of that name).
+FROG_S16_SETTINGS = dict(sample_size=FROG_SAMPLE_SIZE // 2, exclude=())
 FROG_GRID = (0.003, 0.01, 0.03, 0.1, 0.3)
 # Centred by the pilot (see the module docstring).
 # Best 3-epoch pilot rates: K-FROG 0.1, FOOF 0.1-0.3, AdaFisher(W) 0.1-0.3
@@ -191,7 +193,7 @@ register(
     f' k={FROG_CG_ITERS}, wd {WEIGHT_DECAY}; every layer preconditioned, the'
     ' head too',
     FROG_GRID,
-    frog_build(sample_size=FROG_SAMPLE_SIZE // 2, exclude=()),
+    frog_build(**FROG_S16_SETTINGS),
   )
 )
 register(
