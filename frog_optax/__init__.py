@@ -9,11 +9,11 @@ from frog_optax._src.adafisher import adafisherw
 from frog_optax._src.adafisher import scale_by_adafisher
 from frog_optax._src.aliases import reference_fallback
 from frog_optax._src.capture import UnsyncedStatsWarning
-from frog_optax._src.cg import batched_cg
 from frog_optax._src.describe import describe
 from frog_optax._src.family import LayerPreconditioner
 from frog_optax._src.family import RowPreconditionerState
 from frog_optax._src.family import scale_by_row_preconditioner
+from frog_optax._src.fisher import batched_cg
 from frog_optax._src.fisher import row_fisher_operator
 from frog_optax._src.foof import FoofLayerState
 from frog_optax._src.foof import foof

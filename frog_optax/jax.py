@@ -37,7 +37,6 @@ import jax.numpy as jnp
 from frog_optax._src import capture as capture_lib
 from frog_optax._src import jaxpr_capture
 from frog_optax._src import jaxpr_match
-from frog_optax._src import layouts as layouts_lib
 from frog_optax._src import paths
 from frog_optax._src import routing
 from frog_optax._src import stats as stats_lib
@@ -153,16 +152,20 @@ def value_and_grad(
       loss, aux = out if has_aux else (out, None)
       return loss, (aux, inputs)
 
-    discovery = jaxpr_capture.Pass(found, sample_size, rng)
-    jax_lib.eval_shape(lambda p: run(p, None, discovery), leaves)
-    zeros = {
-      k: jnp.zeros((*_stack(found, k), *s.shape), s.dtype)
-      for k, s in discovery.shapes.items()
-    }
-    capture = jaxpr_capture.Pass(found, sample_size, rng)
-    (loss, (aux, inputs)), (leaf_grads, output_grads) = jax_lib.value_and_grad(
-      lambda p, z: run(p, z, capture), argnums=(0, 1), has_aux=True
-    )(leaves, zeros)
+    def zero_perturbations(discovery):
+      return {
+        k: jnp.zeros((*_stack(found, k), *s.shape), s.dtype)
+        for k, s in discovery.shapes.items()
+      }
+
+    (loss, (aux, inputs)), (leaf_grads, output_grads), capture = (
+      capture_lib.two_passes(
+        lambda capture, z, p: run(p, z, capture),
+        leaves,
+        lambda _: jaxpr_capture.Pass(found, sample_size, rng),
+        zero_perturbations,
+      )
+    )
     grads = jax_lib.tree_util.tree_unflatten(treedef, leaf_grads)
     stats = _stats(params, leaf_paths, found, capture, inputs, output_grads)
     stats = _gathered(stats, axis_name)
@@ -255,7 +258,7 @@ def layouts(
     *args,
     **kwargs,
   )
-  return layouts_lib.layout_tree(stats, keep_uncaptured=True)
+  return routing.layout_tree(stats, keep_uncaptured=True)
 
 
 __all__ = ['layouts', 'value_and_grad']

@@ -26,13 +26,11 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import optax
 from flax.training import train_state
 
 from frog_optax._src import capture as capture_lib
 from frog_optax._src import describe as describe_lib
-from frog_optax._src import layouts as layouts_lib
 from frog_optax._src import linen_capture
 from frog_optax._src import routing
 from frog_optax._src import stats as stats_lib
@@ -125,29 +123,23 @@ def value_and_grad(
     def run(session, perturbations, params):
       call_args = list(args)
       call_args[argnums] = params
-      session.perturbations = perturbations
+      session.perturbations = [] if perturbations is None else perturbations
       with linen_capture.sessions.scope(session):
         out = fun(*call_args, **kwargs)
       loss, aux = out if has_aux else (out, None)
       return loss, (aux, session.collected_inputs)
 
-    discovery = linen_capture.Session(True, sample_size, rng, exclude)
-    shapes = jax.eval_shape(
-      lambda p: (run(discovery, [], p), discovery.collected_perturbations),
-      params,
-    )[1]
-    linen_capture.refuse_unperturbed(discovery, shapes)
-    zeros = [
-      jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), tree)
-      for tree in shapes
-    ]
-    # The layers refused in discovery are left alone in the real pass too.
-    session = linen_capture.Session(
-      False, sample_size, rng, exclude, uncaptured=dict(discovery.uncaptured)
+    def new_pass(discovery):
+      if discovery is None:
+        return linen_capture.Session(True, sample_size, rng, exclude)
+      # The layers refused in discovery are left alone in the real pass too.
+      return linen_capture.Session(
+        False, sample_size, rng, exclude, uncaptured=dict(discovery.uncaptured)
+      )
+
+    (loss, (aux, _)), (grads, output_grads), session = capture_lib.two_passes(
+      run, params, new_pass, linen_capture.discovered_perturbations
     )
-    (loss, (aux, _)), (grads, output_grads) = jax.value_and_grad(
-      lambda p, z: run(session, z, p), argnums=(0, 1), has_aux=True
-    )(params, zeros)
     stats = stats_lib.stats_tree(
       params,
       linen_capture.assemble_stats(session, output_grads, axis_name),
@@ -202,7 +194,7 @@ def layouts(
     *args,
     **kwargs,
   )
-  return layouts_lib.layout_tree(stats)
+  return routing.layout_tree(stats)
 
 
 class TrainState(train_state.TrainState):

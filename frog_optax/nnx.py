@@ -40,7 +40,6 @@ from flax import nnx
 
 from frog_optax._src import capture as capture_lib
 from frog_optax._src import describe as describe_lib
-from frog_optax._src import layouts as layouts_lib
 from frog_optax._src import nnx_capture
 from frog_optax._src import routing
 from frog_optax._src import stats as stats_lib
@@ -188,7 +187,7 @@ def layouts(
   stats = nnx.eval_shape(
     lambda m, *a, **kw: grad_fn(m, *a, **kw)[2], model, *args, **kwargs
   )
-  return layouts_lib.layout_tree(stats)
+  return routing.layout_tree(stats)
 
 
 def describe(model_or_params: Any, stats: Any, exclude: Any = ()) -> str:

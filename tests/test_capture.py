@@ -16,7 +16,7 @@ import optax
 import pytest
 
 import frog_optax as fo
-from frog_optax._src import layouts
+from frog_optax._src import family
 from frog_optax._src import stats as stats_lib
 
 import reference_loops as ref
@@ -111,7 +111,7 @@ def test_captured_rows_match_explicit_reshapes(name):
   np.testing.assert_allclose(
     st.output_grads, y_rows(BATCH * np.cos(y[::2])), rtol=1e-12
   )
-  row_stacked = layouts.to_row_stacked(params['layer'], st.layout)
+  row_stacked = family.to_row_stacked(params['layer'], st.layout)
   np.testing.assert_array_equal(
     row_stacked['kernel'], kernel_rows(np.asarray(params['layer']['kernel']))
   )
@@ -185,10 +185,10 @@ def test_attention_projections_are_captured_and_embed_falls_back():
   # the row-stacked inputs and output gradients are those of the layer.
   for name, st in by_path.items():
     leaves = grads['attn'][name.split('/')[1]] if '/' in name else grads[name]
-    row_stacked = layouts.to_row_stacked(leaves, st.layout)
+    row_stacked = family.to_row_stacked(leaves, st.layout)
     transpose = st.geometry.transpose(st.inputs, row_stacked)
     got = jax.tree.map(lambda a: a / BATCH, transpose(st.output_grads))
-    got = layouts.from_row_stacked(got, st.layout, leaves)
+    got = family.from_row_stacked(got, st.layout, leaves)
     jax.tree.map(
       lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-14),
       got,
@@ -321,7 +321,7 @@ def test_stateful_members_follow_layouts_known_at_init(member, name):
     grads,
     {'layer': st},
   )
-  to_rows = lambda tree: {'layer': layouts.to_row_stacked(tree, st.layout)}
+  to_rows = lambda tree: {'layer': family.to_row_stacked(tree, st.layout)}
   plain = fo.LayerStats(st.inputs, st.output_grads, st.geometry)
   want = _three_steps(
     STATEFUL[member](),
@@ -330,7 +330,7 @@ def test_stateful_members_follow_layouts_known_at_init(member, name):
     {'layer': plain},
   )
   for u, v in zip(got, want):
-    v = layouts.from_row_stacked(v['layer'], st.layout, params['layer'])
+    v = family.from_row_stacked(v['layer'], st.layout, params['layer'])
     jax.tree.map(
       lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-14),
       u['layer'],

@@ -155,7 +155,7 @@ def test_foof_auto_solves_small_layers_explicitly():
   prob = ref.problem(conv_spec=LAYERS[3])
   tx = fo.foof(0.1, damping=0.5, solver='auto', max_explicit_dim=10)
   state = tx.init(prob.params)
-  layers = state[0].inner_states['frog'].inner_state[1].layers
+  layers = state.inner_states['frog'].inner_state[1].layers
   # Dense rows have D = 6 <= 10; the conv's D = 27 goes to CG (no state).
   assert layers['dense'] is not None and layers['conv'] is None
   want = ref.heavy_ball_loop(

@@ -59,7 +59,12 @@ def test_update_invariant_to_loss_scale(dtype, tol):
   # are measured relative to each leaf's largest entry.
   params, grads, stats = models.grads_and_stats(dtype=dtype)
   _, grads_big, stats_big = models.grads_and_stats(dtype=dtype, scale=1e3)
-  tx = fo.scale_by_frog(exclude='head')
+  # scale_by_frog alone preconditions every layer; optax.partition with the
+  # family's labels routes the excluded head around it.
+  tx = optax.partition(
+    {'frog': fo.scale_by_frog(), 'fallback': optax.identity()},
+    fo.frog_param_labels(params, exclude='head'),
+  )
   u, _ = tx.update(grads, tx.init(params), frog_stats=stats)
   u_big, _ = tx.update(grads_big, tx.init(params), frog_stats=stats_big)
   for name in ('Conv_0', 'Conv_1'):
@@ -189,6 +194,44 @@ def test_chain_and_partition():
     grads, _frog().init(params), params, frog_stats=stats
   )
   chex.assert_trees_all_close(got['Conv_1'], want['Conv_1'], rtol=1e-6)
+
+
+def test_one_update_builds_the_layer_table_once(monkeypatch):
+  # The alias's routing builds the table and hands the owned layers down;
+  # neither the shell nor the stats check builds it again.
+  from frog_optax._src import routing
+
+  params, grads, stats = models.grads_and_stats()
+  tx = fo.frog(0.1, exclude='head')
+  state = tx.init(params)
+  calls = []
+  build = routing.layer_table
+  monkeypatch.setattr(
+    routing, 'layer_table', lambda *a, **k: calls.append(1) or build(*a, **k)
+  )
+  updates, _ = tx.update(grads, state, params, frog_stats=stats)
+  assert len(calls) == 1
+  # What was handed down is what the shell preconditions: the head is not
+  # among it, so it got the fallback's update.
+  want, _ = fo.scale_by_frog().update(
+    grads, fo.scale_by_frog().init(params), frog_stats=stats
+  )
+  assert not np.allclose(
+    updates['head']['kernel'], -0.1 * want['head']['kernel']
+  )
+
+
+def test_an_alias_state_of_the_earlier_layout_does_not_restore():
+  # Earlier builds chained a separate dtype cast after the routing, so an
+  # alias's state was (PartitionState, EmptyState()); it is now the
+  # PartitionState alone. Restoring the old form must fail loudly.
+  from flax import serialization
+
+  params, _, _ = models.grads_and_stats()
+  new = fo.frog(0.1).init(params)
+  old = serialization.to_state_dict((new, optax.EmptyState()))
+  with pytest.raises(ValueError, match='do not match'):
+    serialization.from_state_dict(new, old)
 
 
 # --------------------------------------------------------------------------

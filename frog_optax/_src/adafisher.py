@@ -97,7 +97,6 @@ def scale_by_adafisher(
   decay: float | None = None,
   update_interval: int | None = None,
   released_code: bool = False,
-  exclude: str | Sequence[str] = (),
   layouts: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   """AdaFisher's preconditioning: divide by `H ⊗ S + λ` (no square root).
@@ -111,7 +110,6 @@ def scale_by_adafisher(
       100 with `released_code=True`); the first step always refreshes.
     released_code: use the released code's moving-average weights (see the
       module docstring).
-    exclude: module paths ('/'-joined) not to precondition.
     layouts: which kernel axes are rows, for DenseGeneral, Einsum and
       scan-stacked modules (see :func:`frog_optax.linen.layouts`); `None`
       for plain Dense/Conv kernels.
@@ -135,7 +133,6 @@ def scale_by_adafisher(
   decay, update_interval = _resolve_schedule(
     decay, update_interval, released_code
   )
-  exclude = validation.normalize_paths('exclude', exclude)
   average = _moving_average(released_code, decay)
 
   def init_layer(leaves):
@@ -158,7 +155,7 @@ def scale_by_adafisher(
       average(state, fresh),
       state,
     )
-    tau = aliases.schedule_value(damping, count)
+    tau = validation.schedule_value(damping, count)
     u = {
       k: direction[k] / (h * state.output_diag + tau)
       for k, h in state.input_diag.items()
@@ -167,7 +164,6 @@ def scale_by_adafisher(
 
   return family.scale_by_row_preconditioner(
     family.LayerPreconditioner(init=init_layer, update=update_layer),
-    exclude,
     layouts,
   )
 
@@ -276,22 +272,15 @@ def adafisher(
     argument `frog_stats`.
 
   Example:
-    >>> import flax.linen as nn, jax, jax.numpy as jnp, optax
-    >>> import frog_optax as fo
-    >>> model = nn.Sequential([nn.Dense(8), nn.relu, nn.Dense(3)])
-    >>> x, y = jnp.ones((16, 4)), jnp.zeros(16, jnp.int32)
-    >>> params = model.init(jax.random.key(0), x)['params']
-    >>> apply_fn = fo.linen.capture(model.apply)
-    >>> def loss_fn(params, x, y):
-    ...   logits = apply_fn({'params': params}, x)
-    ...   return optax.softmax_cross_entropy_with_integer_labels(
-    ...       logits, y).mean()
+    Used as :func:`frog` is, with the same capture and `frog_stats`:
+
+    >>> import jax.numpy as jnp, frog_optax as fo
+    >>> params = {'Dense_0': {'kernel': jnp.ones((3, 2)), 'bias': jnp.zeros(2)}}
+    >>> stats = {'Dense_0': fo.LayerStats(
+    ...     inputs=jnp.arange(12.).reshape(4, 3),
+    ...     output_grads=jnp.ones((4, 2)), geometry=fo.DenseGeometry())}
     >>> tx = fo.adafisher(1e-3, weight_decay=5e-4)
-    >>> opt_state = tx.init(params)
-    >>> vg = fo.linen.value_and_grad(loss_fn, sample_size=None)
-    >>> loss, grads, stats = vg(params, x, y)
-    >>> updates, opt_state = tx.update(grads, opt_state, params,
-    ...                                frog_stats=stats)
+    >>> u, _ = tx.update(params, tx.init(params), params, frog_stats=stats)
 
   References:
     Gomes et al., AdaFisher: Adaptive Second Order Optimization via Fisher

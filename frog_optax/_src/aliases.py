@@ -1,6 +1,6 @@
 """What every optimizer alias of the family shares.
 
-Hyper-parameter checks and their values at a step, the heavy-ball momentum,
+Hyper-parameter checks, the heavy-ball momentum,
 the reference FROG's fallback for parameters a member does not precondition,
 and the alias chain momentum → member → weight decay → learning rate, routed
 against the fallback.
@@ -18,23 +18,6 @@ import optax
 
 from frog_optax._src import routing
 from frog_optax._src import validation
-
-
-def schedule_value(value: optax.ScalarOrSchedule, count: jax.Array):
-  """A hyper-parameter at step `count`: calls schedules, passes numbers."""
-  return value(count) if callable(value) else value
-
-
-def nonnegative_or_nan(value: Any) -> jax.Array:
-  """`value`, or NaN where it is negative.
-
-  For values that cannot be checked at construction (schedules, traced
-  hyper-parameters): an invalid damping must make the step visibly
-  non-finite (and skippable with :func:`frog_optax.apply_if_finite`), not
-  give a finite update of an indefinite system.
-  """
-  value = jnp.asarray(value)
-  return jnp.where(value >= 0, value, jnp.nan)
 
 
 def scaled(learning_rate: optax.ScalarOrSchedule, ratio: Any):

@@ -161,6 +161,50 @@ class Recorder:
 
 
 # ----------------------------------------------------------------------------
+# The two passes of value_and_grad.
+
+
+def two_passes(
+  run: Callable[[Any, Any, Any], tuple[jax.Array, Any]],
+  params: Any,
+  new_pass: Callable[[Any], Any],
+  zero_perturbations: Callable[[Any], Any],
+) -> tuple[tuple[jax.Array, Any], tuple[Any, Any], Any]:
+  """Shape discovery, then one backward pass over (params, perturbations).
+
+  The first pass only traces (`jax.eval_shape`): it learns which layers are
+  captured and the shapes of their zero output perturbations. The second
+  differentiates the loss with respect to the parameters and those zeros at
+  once; the gradient of a zero perturbation is the layer's output gradient
+  on the sampled examples.
+
+  Args:
+    run: `(recorder, perturbations, params) -> (loss, aux)`, the user's
+      function with the front end's hook active; `perturbations` is `None`
+      in the discovery pass.
+    params: the differentiated argument.
+    new_pass: `(discovery) -> recorder` for a pass; `discovery` is `None`
+      for the discovery pass itself, else its recorder (the real pass keeps
+      the layers it refused).
+    zero_perturbations: `(discovery recorder) -> zeros`, called at the end
+      of the discovery trace; only the shapes of what it returns are kept.
+
+  Returns:
+    `((loss, aux), (grads, output_grads), recorder)` of the real pass.
+  """
+  discovery = new_pass(None)
+  shapes = jax.eval_shape(
+    lambda p: (run(discovery, None, p), zero_perturbations(discovery)), params
+  )[1]
+  zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+  recorder = new_pass(discovery)
+  value, grads = jax.value_and_grad(
+    lambda p, z: run(recorder, z, p), argnums=(0, 1), has_aux=True
+  )(params, zeros)
+  return value, grads, recorder
+
+
+# ----------------------------------------------------------------------------
 # After the backward pass.
 
 

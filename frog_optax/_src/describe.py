@@ -7,8 +7,8 @@ from typing import Any
 
 import numpy as np
 
+from frog_optax._src import family
 from frog_optax._src import fisher
-from frog_optax._src import layouts as layouts_lib
 from frog_optax._src import routing
 from frog_optax._src import stats as stats_lib
 
@@ -18,9 +18,7 @@ def _row_size(leaves, layer_stats) -> int:
   if layer_stats is None:
     return fisher.row_dimension(leaves)
   layout = layer_stats.layout
-  shape = layouts_lib.row_stacked_kernel_shape(
-    np.shape(leaves['kernel']), layout
-  )
+  shape = family.row_stacked_kernel_shape(np.shape(leaves['kernel']), layout)
   if shape is None:  # stats of other parameters: the update will say so
     return fisher.row_dimension(leaves)
   return math.prod(shape[layout.stacked_axes : -1]) + ('bias' in leaves)
@@ -57,13 +55,13 @@ def describe_rows(
   layouts = routing.layouts_of(exclude)
   exclude = routing.exclude_of(exclude)
   if layouts is None:  # stats at kernel leaves name their layers
-    layouts = layouts_lib.layout_tree(stats)
+    layouts = routing.layout_tree(stats)
   table = routing.layer_table(params, layouts)
   chosen = set(routing.preconditioned_modules(params, exclude, layouts))
   by_path = stats_lib.stats_by_path(stats)
   uncaptured = _leaf_uncaptured(stats)
   owned = {path for roles in table.values() for path in roles.values()}
-  layers = routing.layer_leaves(params, table)
+  layers = family.layer_leaves(params, table)
   rows = []
   for module, leaves in layers.items():
     # Leaf-level layers show their own leaf names (e.g. weight, bias).

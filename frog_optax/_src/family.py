@@ -6,22 +6,27 @@ how to initialise its per-layer state, and how to turn one layer's direction
 shell does everything else the same way for all of them: it picks the
 Dense/Conv-like modules (`routing`), requires `frog_stats` and names what is
 missing, checks that stats belong to their parameters, keeps a step count,
-and leaves every other leaf unchanged.
+and leaves every other leaf unchanged. It also views each layer in the
+row-stacked form the members work on: a kernel whose last axis is the rows
+(a `DenseGeneral` or `Einsum` kernel transposed and reshaped to
+`(D_in, rows)`, as its `ParamLayout` says) and a `(rows,)` bias, one layer
+at a time under `jax.vmap` for `nn.scan` stacks.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
-from collections.abc import Sequence
 from typing import Any
 from typing import NamedTuple
 
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
-from frog_optax._src import layouts as layouts_lib
+from frog_optax._src import paths
 from frog_optax._src import routing
 from frog_optax._src import scopes
 from frog_optax._src import stats as stats_lib
@@ -29,6 +34,132 @@ from frog_optax._src import validation
 from frog_optax._src.geometry import RowParams
 
 _MISSING = object()
+
+
+# ----------------------------------------------------------------------------
+# A layer's leaves, in the row-stacked form and back.
+
+
+def layer_leaves(tree: Any, table: dict[str, dict[str, str]]) -> dict:
+  """`{layer: {'kernel': leaf, 'bias'?: leaf}}` of the layers in `table`."""
+  leaves = {
+    paths.path_name(paths.param_path(p)): leaf
+    for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+  }
+  return {
+    layer: {role: leaves[path] for role, path in roles.items()}
+    for layer, roles in table.items()
+  }
+
+
+def replace_layers(
+  tree: Any, table: dict[str, dict[str, str]], new: dict[str, dict]
+) -> Any:
+  """`tree` with the leaves of the layers in `new` replaced."""
+  by_leaf = {
+    path: new[layer][role]
+    for layer in new
+    for role, path in table[layer].items()
+  }
+  return jax.tree_util.tree_map_with_path(
+    lambda p, leaf: by_leaf.get(paths.path_name(paths.param_path(p)), leaf),
+    tree,
+  )
+
+
+def _permuted_kernel_shape(shape, layout: stats_lib.ParamLayout):
+  k = layout.stacked_axes
+  perm = layout.kernel_perm or tuple(range(len(shape) - k))
+  return shape[:k] + tuple(shape[k + p] for p in perm)
+
+
+def _is_identity(layout: stats_lib.ParamLayout) -> bool:
+  """Whether the module's parameters already are in the row-stacked form."""
+  return layout.num_input_axes is None and layout.kernel_perm is None
+
+
+def _full_perm(layout: stats_lib.ParamLayout) -> tuple[int, ...]:
+  k = layout.stacked_axes
+  return tuple(range(k)) + tuple(k + p for p in layout.kernel_perm)
+
+
+def row_stacked_kernel_shape(
+  shape: tuple[int, ...], layout: stats_lib.ParamLayout
+) -> tuple[int, ...] | None:
+  """The kernel shape :func:`to_row_stacked` gives; `None` if it cannot."""
+  k, n_in = layout.stacked_axes, layout.num_input_axes
+  inner_ndim = len(shape) - k
+  if inner_ndim < 2:
+    return None
+  if layout.kernel_perm is not None and len(layout.kernel_perm) != inner_ndim:
+    return None
+  if n_in is None:
+    return _permuted_kernel_shape(tuple(shape), layout)
+  if not 0 < n_in < inner_ndim:
+    return None
+  inner = _permuted_kernel_shape(shape, layout)[k:]
+  return shape[:k] + (math.prod(inner[:n_in]), math.prod(inner[n_in:]))
+
+
+def to_row_stacked(
+  leaves: RowParams, layout: stats_lib.ParamLayout
+) -> RowParams:
+  """`{'kernel', 'bias'?}` as `(*stack, ..., rows)` and `(*stack, rows)`."""
+  if _is_identity(layout):
+    return dict(leaves)
+  k = layout.stacked_axes
+  kernel = leaves['kernel']
+  if layout.kernel_perm is not None:
+    kernel = jnp.transpose(kernel, _full_perm(layout))
+  stack, inner = kernel.shape[:k], kernel.shape[k:]
+  n_in = layout.num_input_axes
+  if n_in is not None:
+    kernel = kernel.reshape(
+      stack + (math.prod(inner[:n_in]), math.prod(inner[n_in:]))
+    )
+  out = {'kernel': kernel}
+  if 'bias' in leaves:  # e.g. an Equinox Conv2d bias (rows, 1, 1)
+    out['bias'] = leaves['bias'].reshape(stack + (-1,))
+  return out
+
+
+def from_row_stacked(
+  row_stacked: RowParams, layout: stats_lib.ParamLayout, like: RowParams
+) -> RowParams:
+  """Inverse of :func:`to_row_stacked`, with the shapes of `like`."""
+  if _is_identity(layout):
+    return dict(row_stacked)
+  kernel_shape = like['kernel'].shape
+  kernel = row_stacked['kernel'].reshape(
+    _permuted_kernel_shape(kernel_shape, layout)
+  )
+  if layout.kernel_perm is not None:
+    inverse = tuple(np.argsort(_full_perm(layout)))
+    kernel = jnp.transpose(kernel, inverse)
+  out = {'kernel': kernel}
+  if 'bias' in row_stacked:
+    out['bias'] = row_stacked['bias'].reshape(like['bias'].shape)
+  return out
+
+
+def per_layer(fn: Callable[..., Any], layout: stats_lib.ParamLayout):
+  """`fn` mapped over the stacked layer axes of all its arguments."""
+  for _ in range(layout.stacked_axes):
+    fn = jax.vmap(fn)
+  return fn
+
+
+def one_layer_stats(stats: stats_lib.LayerStats) -> stats_lib.LayerStats:
+  """The stats of one layer of the stack (for use under :func:`per_layer`)."""
+  return stats_lib.LayerStats(
+    inputs=stats.inputs,
+    output_grads=stats.output_grads,
+    geometry=stats.geometry,
+  )
+
+
+# ----------------------------------------------------------------------------
+# The shell.
 
 
 class LayerPreconditioner(NamedTuple):
@@ -68,7 +199,7 @@ def _check_layer_shapes(name, layer_stats, leaves):
   kernel_shape = leaves['kernel'].shape
   x_shape = layer_stats.inputs.shape
   dy_shape = layer_stats.output_grads.shape
-  row_stacked = layouts_lib.row_stacked_kernel_shape(kernel_shape, layout)
+  row_stacked = row_stacked_kernel_shape(kernel_shape, layout)
 
   def fail(why):
     raise ValueError(
@@ -150,22 +281,20 @@ def _stats_of(chosen, frog_stats) -> dict[str, stats_lib.LayerStats]:
   return by_path
 
 
-def _owned_leaves(table: dict[str, dict[str, str]]) -> set[str]:
-  return {path for roles in table.values() for path in roles.values()}
-
-
 def scale_by_row_preconditioner(
   preconditioner: LayerPreconditioner,
-  exclude: Sequence[str] = (),
   layouts: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
-  """Applies `preconditioner` to every Dense/Conv-like module not excluded.
+  """Applies `preconditioner` to every Dense/Conv-like module it is given.
+
+  Only the aliases route (`exclude`, the fallback): under them this
+  transformation sees the owned layers alone, which the routing hands down
+  as the extra argument `frog_layer_table`; on its own it preconditions
+  every Dense/Conv-like module of the tree (split a tree yourself with
+  `optax.partition` and :func:`frog_optax.frog_param_labels`).
 
   Args:
     preconditioner: the member's per-layer rule.
-    exclude: module paths that pass through unchanged (the aliases route
-      them to their fallback instead; here they are routed to
-      `optax.identity`).
     layouts: which kernel axes of each module are rows, known at `init`:
       `None` (plain Dense/Conv kernels), a params-prefix tree of
       `ParamLayout`s or `LayerStats` (e.g. the stats of one step, or
@@ -199,34 +328,26 @@ def scale_by_row_preconditioner(
     >>> u['Dense_0']['kernel'][0].tolist(), int(state.layers['Dense_0'])
     ([0.5, 0.5], 1)
   """
-  exclude = validation.normalize_paths('exclude', exclude)
-  shell = _shell(preconditioner, layouts)
-  if not exclude:
-    return shell
-  # Routing happens in one place: excluded layers go to the identity.
-  return routing.route(shell, optax.identity(), exclude, layouts)
-
-
-def _shell(preconditioner, layouts) -> optax.GradientTransformationExtraArgs:
-  """The member applied to every layer of the tree it is given."""
 
   def init_module(name, leaves, layout):
     """The member's state of one module, in its row-stacked form."""
     shape = leaves['kernel'].shape
-    if layouts_lib.row_stacked_kernel_shape(shape, layout) is None:
+    if row_stacked_kernel_shape(shape, layout) is None:
       raise ValueError(
         f'layouts gives {name!r} the layout {layout}, which does not fit its'
         f' kernel of shape {shape}.'
       )
-    return layouts_lib.per_layer(preconditioner.init, layout)(
-      layouts_lib.to_row_stacked(leaves, layout)
+    return per_layer(preconditioner.init, layout)(
+      to_row_stacked(leaves, layout)
     )
 
   def init_fn(params):
     table = routing.layer_table(params, layouts)
-    modules = routing.layer_leaves(params, table)
-    validation.check_float_params(params, _owned_leaves(table))
-    init_layouts = layouts_lib.layouts_by_path(layouts, params)
+    modules = layer_leaves(params, table)
+    validation.check_float_params(
+      params, {path for roles in table.values() for path in roles.values()}
+    )
+    init_layouts = routing.layouts_by_path(layouts, params)
     layers = {
       m: init_module(
         m, modules[m], init_layouts.get(m, stats_lib.ParamLayout())
@@ -242,15 +363,15 @@ def _shell(preconditioner, layouts) -> optax.GradientTransformationExtraArgs:
     rule (per layer of a stack), and back to the parameters' form."""
     layout = layer_stats.layout
     dtype = solve_dtype(leaves)
-    direction = layouts_lib.to_row_stacked(
+    direction = to_row_stacked(
       {k: v.astype(dtype) for k, v in leaves.items()}, layout
     )
     rule = lambda s, d, st: preconditioner.update(name, s, d, st, count)
     with jax.named_scope(scopes.LAYER):
-      u, layer_state = layouts_lib.per_layer(rule, layout)(
-        layouts_lib.layer_stats(layer_stats), direction, layer_state
+      u, layer_state = per_layer(rule, layout)(
+        one_layer_stats(layer_stats), direction, layer_state
       )
-    u = layouts_lib.from_row_stacked(u, layout, leaves)
+    u = from_row_stacked(u, layout, leaves)
     return {k: u[k].astype(v.dtype) for k, v in leaves.items()}, layer_state
 
   def layer_states(updates, state, table):
@@ -263,14 +384,27 @@ def _shell(preconditioner, layouts) -> optax.GradientTransformationExtraArgs:
         f' other `exclude` settings) than those it updates: {e}'
       ) from None
 
-  def update_fn(updates, state, params=None, *, frog_stats=_MISSING, **extra):
+  def update_fn(
+    updates,
+    state,
+    params=None,
+    *,
+    frog_stats=_MISSING,
+    frog_layer_table=None,
+    **extra,
+  ):
     del params, extra
-    table = routing.layer_table(updates, layouts)
-    modules = routing.layer_leaves(updates, table)
+    table = frog_layer_table
+    if table is None:  # not under an alias's routing: every row layer
+      table = routing.layer_table(updates, layouts)
+    modules = layer_leaves(updates, table)
     by_path = _stats_of(list(table), frog_stats)
-    validation.check_float_params(updates, _owned_leaves(table))
-    init_layouts = layouts_lib.layouts_by_path(layouts, updates)
     old = layer_states(updates, state, table)
+    # Only a layer's state fixes its layout (a stateless member reads it
+    # from the stats alone).
+    init_layouts = {}
+    if any(old[m] is not None for m in table):
+      init_layouts = routing.layouts_by_path(layouts, updates)
     new_leaves, layers = {}, {}
     for m in table:
       _check_layer_shapes(m, by_path[m], modules[m])
@@ -284,7 +418,7 @@ def _shell(preconditioner, layouts) -> optax.GradientTransformationExtraArgs:
       count=optax.safe_increment(state.count),
       layers=stats_lib.place(updates, layers),
     )
-    return routing.replace_layers(updates, table, new_leaves), new_state
+    return replace_layers(updates, table, new_leaves), new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

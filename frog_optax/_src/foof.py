@@ -30,7 +30,7 @@ import optax
 from jax import lax
 
 from frog_optax._src import aliases
-from frog_optax._src import dense_rows
+from frog_optax._src import cholesky
 from frog_optax._src import family
 from frog_optax._src import fisher
 from frog_optax._src import stats as stats_lib
@@ -81,7 +81,6 @@ def scale_by_foof(
   solver: str = 'auto',
   max_explicit_dim: int = 2048,
   cg_iters: int = 4,
-  exclude: str | Sequence[str] = (),
   layouts: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   """FOOF's preconditioning step: `(XᵀX/N + λI)⁻¹` applied to every row.
@@ -98,7 +97,6 @@ def scale_by_foof(
       count, which `init` cannot see).
     max_explicit_dim: the `'auto'` threshold, an int >= 1.
     cg_iters: CG iterations k >= 1 of the matrix-free solver.
-    exclude: module paths ('/'-joined) not to precondition.
     layouts: which kernel axes are rows, for DenseGeneral, Einsum and
       scan-stacked modules (see :func:`frog_optax.linen.layouts`); `None`
       for plain Dense/Conv kernels.
@@ -132,7 +130,6 @@ def scale_by_foof(
         "update_interval only applies to the explicit solver; solver='cg'"
         ' solves with the current sample at every step.'
       )
-  exclude = validation.normalize_paths('exclude', exclude)
   uses_explicit = _explicit_rule(solver, max_explicit_dim)
 
   def init_layer(leaves):
@@ -145,7 +142,7 @@ def scale_by_foof(
 
   def update_layer(name, layer_stats, direction, state, count):
     m, dtype = direction, direction['kernel'].dtype  # the solve dtype
-    tau = aliases.schedule_value(damping, count)
+    tau = validation.schedule_value(damping, count)
     groups = getattr(layer_stats.geometry, 'feature_group_count', 1)
     if state is not None and groups > 1 and solver == 'cholesky':
       raise ValueError(
@@ -163,18 +160,17 @@ def scale_by_foof(
       debiased = optax.tree.bias_correction(second_moment, ema_decay, count + 1)
 
       def refresh():
-        return dense_rows.damped_cholesky(debiased, tau)
+        return cholesky.damped_cholesky(debiased, tau)
 
       factor = lax.cond(
         count % update_interval == 0, refresh, lambda: state.factor
       )
       state = FoofLayerState(second_moment, factor)
-      z = dense_rows.grouped_cholesky_solve(factor, m)
+      z = cholesky.grouped_cholesky_solve(factor, m)
     return z, state
 
   return family.scale_by_row_preconditioner(
     family.LayerPreconditioner(init=init_layer, update=update_layer),
-    exclude,
     layouts,
   )
 
@@ -234,22 +230,15 @@ def foof(
     argument `frog_stats`.
 
   Example:
-    >>> import flax.linen as nn, jax, jax.numpy as jnp, optax
-    >>> import frog_optax as fo
-    >>> model = nn.Sequential([nn.Dense(8), nn.relu, nn.Dense(3)])
-    >>> x, y = jnp.ones((16, 4)), jnp.zeros(16, jnp.int32)
-    >>> params = model.init(jax.random.key(0), x)['params']
-    >>> apply_fn = fo.linen.capture(model.apply)
-    >>> def loss_fn(params, x, y):
-    ...   logits = apply_fn({'params': params}, x)
-    ...   return optax.softmax_cross_entropy_with_integer_labels(
-    ...       logits, y).mean()
+    Used as :func:`frog` is, with the same capture and `frog_stats`:
+
+    >>> import jax.numpy as jnp, frog_optax as fo
+    >>> params = {'Dense_0': {'kernel': jnp.ones((3, 2)), 'bias': jnp.zeros(2)}}
+    >>> stats = {'Dense_0': fo.LayerStats(
+    ...     inputs=jnp.arange(12.).reshape(4, 3),
+    ...     output_grads=jnp.ones((4, 2)), geometry=fo.DenseGeometry())}
     >>> tx = fo.foof(0.1, damping=1.0, update_interval=10)
-    >>> opt_state = tx.init(params)
-    >>> vg = fo.linen.value_and_grad(loss_fn, sample_size=None)
-    >>> loss, grads, stats = vg(params, x, y)
-    >>> updates, opt_state = tx.update(grads, opt_state, params,
-    ...                                frog_stats=stats)
+    >>> u, _ = tx.update(params, tx.init(params), params, frog_stats=stats)
 
   References:
     Benzing, Gradient descent on neurons and its link to approximate

@@ -18,8 +18,7 @@ import jax.numpy as jnp
 import optax
 
 from frog_optax._src import aliases
-from frog_optax._src import cg as cg_lib
-from frog_optax._src import dense_rows
+from frog_optax._src import cholesky
 from frog_optax._src import family
 from frog_optax._src import fisher
 from frog_optax._src import stats as stats_lib
@@ -122,7 +121,7 @@ def solve_layer(
   # is relative to the row's largest entry squared.
   peaks = fisher.row_peaks(m)
   m = {k: v / peaks for k, v in m.items()}
-  damping = aliases.nonnegative_or_nan(damping)
+  damping = validation.nonnegative_or_nan(damping)
   curvature = dict(
     trace_normalization=trace_normalization, row_blocks=row_blocks
   )
@@ -130,15 +129,13 @@ def solve_layer(
     layer_stats, m, damping, dtype, **curvature
   )
   if solver == 'cholesky':
-    factors = dense_rows.damped_cholesky(operator.as_matrix(), 0.0)
-    rhs = dense_rows.to_matrix(m)[:, :, None]
-    z = dense_rows.from_matrix(
-      dense_rows.cholesky_solve(factors, rhs)[:, :, 0], m
-    )
+    factors = cholesky.damped_cholesky(operator.as_matrix(), 0.0)
+    rhs = cholesky.to_matrix(m)[:, :, None]
+    z = cholesky.from_matrix(cholesky.cholesky_solve(factors, rhs)[:, :, 0], m)
   else:
     # The start is brought to the scale of the scaled rows, like `m`.
     start = None if init is None else {k: init[k] / peaks for k in m}
-    z = cg_lib.batched_cg(operator.mv, m, cg_iters, fisher.row_inner, start)
+    z = fisher.batched_cg(operator.mv, m, cg_iters, fisher.row_inner, start)
   if step_normalization:
     # ⟨z, m⟩ > 0 in exact arithmetic (CG iterates of a PSD system); clip the
     # rounding so that the square root stays real.
@@ -202,7 +199,6 @@ def scale_by_frog(
   damping: optax.ScalarOrSchedule = 1e-3,
   cg_iters: int = 4,
   eps: float = 1e-10,
-  exclude: str | Sequence[str] = (),
   *,
   rank_damping: float = 1.0,
   layouts: Any = None,
@@ -221,8 +217,9 @@ def scale_by_frog(
   Give it momentum (or any direction) as `g`.
 
   Leaves of modules that are not Dense/Conv-like (see
-  :func:`preconditioned_modules`) or that are excluded pass through unchanged;
-  a preconditioned module without stats is an error.
+  :func:`preconditioned_modules`) pass through unchanged; a preconditioned
+  module without stats is an error. Excluding layers is the alias's
+  routing (:func:`frog`).
 
   The keyword-only switches are ablations for benchmarks; their defaults are
   FROG.
@@ -236,7 +233,6 @@ def scale_by_frog(
       `solver='cg'` only.
     eps: ε guarding the step normalisation, relative to `max |g_j|²`; must
       be > 0.
-    exclude: module paths ('/'-joined) not to precondition.
     rank_damping: ρ_rank >= 0, the weight of the `D/n` shrinkage (default
       1.0). 0 restores a damping of τ alone (the reference), which diverges
       on rank-deficient layers unless τ is large; then a
@@ -286,7 +282,6 @@ def scale_by_frog(
     raise ValueError(
       f"warm_start needs solver='cg' (it starts the CG); got {solver!r}."
     )
-  exclude = validation.normalize_paths('exclude', exclude)
 
   def init_layer(leaves):
     if not warm_start:
@@ -298,7 +293,9 @@ def scale_by_frog(
     row_size = fisher.row_dimension(direction)
     samples = layer_stats.num_samples
     warn_if_rank_deficient(name, row_size, samples, damping, rank_damping)
-    tau = aliases.nonnegative_or_nan(aliases.schedule_value(damping, count))
+    tau = validation.nonnegative_or_nan(
+      validation.schedule_value(damping, count)
+    )
     u, z = solve_layer(
       layer_stats,
       direction,
@@ -315,7 +312,6 @@ def scale_by_frog(
 
   return family.scale_by_row_preconditioner(
     family.LayerPreconditioner(init=init_layer, update=update_layer),
-    exclude,
     layouts,
   )
 
@@ -459,7 +455,7 @@ def frog(
     Breskanu, FROG: Fisher ROw-wise preconditioninG,
     https://github.com/Fullfix/frog-optimizer
   """
-  # `exclude` is applied by the routing: excluded layers never reach
+  # `exclude` is applied by the routing alone: excluded layers never reach
   # scale_by_frog.
   return aliases.heavy_ball_optimizer(
     scale_by_frog(

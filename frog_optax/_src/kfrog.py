@@ -33,7 +33,6 @@ def scale_by_kfrog(
   cg_iters: int = 4,
   eps: float = 1e-6,
   y_momentum: float = 0.0,
-  exclude: str | Sequence[str] = (),
   layouts: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   """K-FROG's preconditioning step (see the module docstring).
@@ -45,7 +44,6 @@ def scale_by_kfrog(
     eps: ε >= 0 under the square root of the output scaling.
     y_momentum: β_y in [0, 1), decay of the moving average of `ȳ`; 0 uses
       the current sample only.
-    exclude: module paths ('/'-joined) not to precondition.
     layouts: which kernel axes are rows, for DenseGeneral, Einsum and
       scan-stacked modules (see :func:`frog_optax.linen.layouts`); `None`
       for plain Dense/Conv kernels.
@@ -71,7 +69,6 @@ def scale_by_kfrog(
   validation.check_range(
     'y_momentum', y_momentum, low=0.0, high=1.0, high_inclusive=False
   )
-  exclude = validation.normalize_paths('exclude', exclude)
 
   def init_layer(leaves):
     rows = leaves['kernel'].shape[-1]
@@ -87,14 +84,13 @@ def scale_by_kfrog(
     row_scale = jax.lax.rsqrt(debiased + eps)
     rhs = {k: v * row_scale for k, v in m.items()}
     z = fisher.input_gram_cg(
-      layer_stats, rhs, aliases.schedule_value(damping, count), cg_iters
+      layer_stats, rhs, validation.schedule_value(damping, count), cg_iters
     )
     x_mean = fisher.input_sq_sums(layer_stats, m, dtype)
     return {k: z[k] * jnp.sqrt(x_mean[k] / n) for k in z}, y_average
 
   return family.scale_by_row_preconditioner(
     family.LayerPreconditioner(init=init_layer, update=update_layer),
-    exclude,
     layouts,
   )
 
@@ -147,22 +143,15 @@ def kfrog(
     argument `frog_stats`.
 
   Example:
-    >>> import flax.linen as nn, jax, jax.numpy as jnp, optax
-    >>> import frog_optax as fo
-    >>> model = nn.Sequential([nn.Dense(8), nn.relu, nn.Dense(3)])
-    >>> x, y = jnp.ones((16, 4)), jnp.zeros(16, jnp.int32)
-    >>> params = model.init(jax.random.key(0), x)['params']
-    >>> apply_fn = fo.linen.capture(model.apply)
-    >>> def loss_fn(params, x, y):
-    ...   logits = apply_fn({'params': params}, x)
-    ...   return optax.softmax_cross_entropy_with_integer_labels(
-    ...       logits, y).mean()
-    >>> tx = fo.kfrog(0.01, y_momentum=0.9, exclude='layers_2')
-    >>> opt_state = tx.init(params)
-    >>> vg = fo.linen.value_and_grad(loss_fn, sample_size=8)
-    >>> loss, grads, stats = vg(params, x, y)
-    >>> updates, opt_state = tx.update(grads, opt_state, params,
-    ...                                frog_stats=stats)
+    Used as :func:`frog` is, with the same capture and `frog_stats`:
+
+    >>> import jax.numpy as jnp, frog_optax as fo
+    >>> params = {'Dense_0': {'kernel': jnp.ones((3, 2)), 'bias': jnp.zeros(2)}}
+    >>> stats = {'Dense_0': fo.LayerStats(
+    ...     inputs=jnp.arange(12.).reshape(4, 3),
+    ...     output_grads=jnp.ones((4, 2)), geometry=fo.DenseGeometry())}
+    >>> tx = fo.kfrog(0.01, y_momentum=0.9)
+    >>> u, _ = tx.update(params, tx.init(params), params, frog_stats=stats)
 
   References:
     Breskanu, FROG (legacy `kfrog.py`),

@@ -191,11 +191,16 @@ def assemble_stats(session: Session, output_grads: list[Any], axis_name):
   return session.layer_stats(flat_inputs, flat_grads, axis_name)
 
 
-def refuse_unperturbed(session: Session, perturbation_shapes) -> None:
-  """Refuses the layers whose capture collections a lifted transform lost."""
+def discovered_perturbations(session: Session) -> list[Any]:
+  """The zero perturbations a discovery pass created, by `apply` call.
+
+  Layers whose capture collections a lifted transform lost have none: they
+  are refused here.
+  """
   seen = set()
-  for tree in perturbation_shapes:
+  for tree in session.collected_perturbations:
     for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]:
       seen.add(paths.path_name(path[:-1]))
   for path in sorted(set(session.kinds) - seen):
     session.refuse(path, session.layer_types[path], LIFTED)
+  return session.collected_perturbations

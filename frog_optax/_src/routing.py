@@ -7,7 +7,11 @@ exactly a `kernel` of rank >= 2 and optionally a `bias` of lower rank (Flax
 plus every layer the `layouts` place at a kernel leaf of their own (models
 that are not Flax modules, captured by `frog_optax.jax`), unless its path is
 excluded or the `layouts` mark it as not captured. Every member of the
-family (FROG, K-FROG, FOOF, AdaFisher) routes the same way.
+family (FROG, K-FROG, FOOF, AdaFisher) routes the same way, and only the
+aliases route: :func:`route` builds the layer table once per update, hands
+the owned layers down to the preconditioner, and casts the result to the
+parameter dtypes. The optimizers' `layouts` argument (which axes of each
+layer are rows) is read here too.
 """
 
 from __future__ import annotations
@@ -18,13 +22,84 @@ from typing import Any
 import jax
 import optax
 
-from frog_optax._src import layouts as layouts_lib
 from frog_optax._src import paths
 from frog_optax._src import stats as stats_lib
 from frog_optax._src import validation
 
 PRECONDITIONED = 'frog'
 FALLBACK = 'fallback'
+
+
+def _is_layout_leaf(x: Any) -> bool:
+  return x is None or isinstance(
+    x,
+    (stats_lib.ParamLayout, stats_lib.LayerStats, stats_lib.UncapturedLayer),
+  )
+
+
+def _resolve(layouts: Any, params: Any) -> Any:
+  """The layouts tree: `layouts(params)` for a function, else `layouts`.
+
+  A callable pytree (an Equinox module holding layouts) is a tree.
+  """
+  leaves = jax.tree_util.tree_leaves(layouts, is_leaf=_is_layout_leaf)
+  is_function = len(leaves) == 1 and leaves[0] is layouts
+  return layouts(params) if callable(layouts) and is_function else layouts
+
+
+def layouts_by_path(
+  layouts: Any, params: Any
+) -> dict[str, stats_lib.ParamLayout]:
+  """`{module path: ParamLayout}` from an optimizer's `layouts` argument.
+
+  Args:
+    layouts: `None` (every module row-stacked: plain Dense/Conv), a
+      params-prefix tree holding a `ParamLayout` (or a `LayerStats`, whose
+      layout is taken) per module, or a function of the parameters that
+      returns one.
+    params: the parameter tree (for a function).
+  """
+  if layouts is None:
+    return {}
+  tree = _resolve(layouts, params)
+  flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_layout_leaf)
+  out = {}
+  for path, leaf in flat:
+    if isinstance(leaf, stats_lib.LayerStats):
+      leaf = leaf.layout
+    if isinstance(leaf, stats_lib.ParamLayout):
+      out[paths.path_name(path)] = leaf
+  return out
+
+
+def uncaptured_paths(layouts: Any, params: Any) -> set[str]:
+  """The paths that `layouts` mark as `UncapturedLayer` (fallback)."""
+  if layouts is None:
+    return set()
+  tree = _resolve(layouts, params)
+  flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_layout_leaf)
+  return {
+    paths.path_name(path)
+    for path, leaf in flat
+    if isinstance(leaf, stats_lib.UncapturedLayer)
+  }
+
+
+def layout_tree(stats: Any, keep_uncaptured: bool = False) -> Any:
+  """The `layouts` argument for the optimizers, from a (shape) stats tree.
+
+  With `keep_uncaptured`, `UncapturedLayer` entries stay (the optimizers
+  then send those layers to the fallback); else they become `None`.
+  """
+
+  def layout(s):
+    if isinstance(s, stats_lib.LayerStats):
+      return s.layout
+    if keep_uncaptured and isinstance(s, stats_lib.UncapturedLayer):
+      return s
+    return None
+
+  return jax.tree.map(layout, stats, is_leaf=_is_layout_leaf)
 
 
 def module_leaves(tree: Any) -> dict[str, dict[str, Any]]:
@@ -78,8 +153,8 @@ def layer_table(tree: Any, layouts: Any = None) -> dict[str, dict[str, str]]:
     paths.path_name(paths.param_path(p)): leaf
     for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
   }
-  by_path = layouts_lib.layouts_by_path(layouts, tree)
-  refused = layouts_lib.uncaptured_paths(layouts, tree)
+  by_path = layouts_by_path(layouts, tree)
+  refused = uncaptured_paths(layouts, tree)
   table = {
     m: {name: join_path(m, name) for name in module}
     for m, module in module_leaves(tree).items()
@@ -101,36 +176,21 @@ def layer_table(tree: Any, layouts: Any = None) -> dict[str, dict[str, str]]:
   return dict(sorted({**table, **at_leaves}.items()))
 
 
-def layer_leaves(tree: Any, table: dict[str, dict[str, str]]) -> dict:
-  """`{layer: {'kernel': leaf, 'bias'?: leaf}}` of the layers in `table`."""
-  leaves = {
-    paths.path_name(paths.param_path(p)): leaf
-    for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
-  }
-  return {
-    layer: {role: leaves[path] for role, path in roles.items()}
-    for layer, roles in table.items()
-  }
-
-
-def replace_layers(
-  tree: Any, table: dict[str, dict[str, str]], new: dict[str, dict]
-) -> Any:
-  """`tree` with the leaves of the layers in `new` replaced."""
-  by_leaf = {
-    path: new[layer][role]
-    for layer in new
-    for role, path in table[layer].items()
-  }
-  return jax.tree_util.tree_map_with_path(
-    lambda p, leaf: by_leaf.get(paths.path_name(paths.param_path(p)), leaf),
-    tree,
-  )
-
-
-def row_layers(tree: Any, layouts: Any = None) -> list[str]:
-  """The sorted names of the Dense/Conv-like layers of `tree`."""
-  return list(layer_table(tree, layouts))
+def owned_layers(
+  table: dict[str, dict[str, str]], exclude: Sequence[str]
+) -> dict[str, dict[str, str]]:
+  """The entries of `table` not excluded; every `exclude` entry must match."""
+  unmatched = [
+    e for e in exclude if not any(is_excluded(m, (e,)) for m in table)
+  ]
+  if unmatched:
+    candidates = list(table)
+    raise ValueError(
+      f'exclude entries {unmatched} match no Dense/Conv module; modules'
+      f' that can be excluded: {candidates[:20]}'
+      + (' ...' if len(candidates) > 20 else '')
+    )
+  return {m: roles for m, roles in table.items() if not is_excluded(m, exclude)}
 
 
 def preconditioned_modules(
@@ -159,17 +219,20 @@ def preconditioned_modules(
     ['conv']
   """
   exclude = validation.normalize_paths('exclude', exclude)
-  candidates = row_layers(params, layouts)
-  unmatched = [
-    e for e in exclude if not any(is_excluded(m, (e,)) for m in candidates)
-  ]
-  if unmatched:
-    raise ValueError(
-      f'exclude entries {unmatched} match no Dense/Conv module; modules'
-      f' that can be excluded: {candidates[:20]}'
-      + (' ...' if len(candidates) > 20 else '')
-    )
-  return [m for m in candidates if not is_excluded(m, exclude)]
+  return list(owned_layers(layer_table(params, layouts), exclude))
+
+
+def _labels(tree: Any, owned: dict[str, dict[str, str]]) -> Any:
+  """`'frog'` at the leaves of the `owned` layers, `'fallback'` elsewhere."""
+  leaves = {path for roles in owned.values() for path in roles.values()}
+  return jax.tree_util.tree_map_with_path(
+    lambda p, _: (
+      PRECONDITIONED
+      if paths.path_name(paths.param_path(p)) in leaves
+      else FALLBACK
+    ),
+    tree,
+  )
 
 
 def frog_param_labels(
@@ -179,25 +242,20 @@ def frog_param_labels(
 
   Suitable for `optax.partition`; the same labels serve every member of the
   family.
+
+  Example:
+    >>> import jax.numpy as jnp, frog_optax as fo
+    >>> params = {'conv': {'kernel': jnp.ones((3, 3, 1, 2))},
+    ...           'norm': {'scale': jnp.ones(2)}}
+    >>> fo.frog_param_labels(params)
+    {'conv': {'kernel': 'frog'}, 'norm': {'scale': 'fallback'}}
   """
-  table = layer_table(params, layouts)
-  owned = {
-    path
-    for layer in preconditioned_modules(params, exclude, layouts)
-    for path in table[layer].values()
-  }
-  return jax.tree_util.tree_map_with_path(
-    lambda p, _: (
-      PRECONDITIONED
-      if paths.path_name(paths.param_path(p)) in owned
-      else FALLBACK
-    ),
-    params,
-  )
+  exclude = validation.normalize_paths('exclude', exclude)
+  return _labels(params, owned_layers(layer_table(params, layouts), exclude))
 
 
-def _check_stats_owned(updates, frog_stats, exclude, layouts) -> None:
-  """Stats at a kernel leaf that the routing does not own are an error.
+def _check_stats_owned(updates, frog_stats, exclude, table) -> None:
+  """Stats at a kernel leaf that is not a layer of `table` are an error.
 
   Such stats come from a model that is not made of Flax modules; without
   `layouts` that name its layers, the optimizer would silently send them to
@@ -207,11 +265,10 @@ def _check_stats_owned(updates, frog_stats, exclude, layouts) -> None:
     paths.path_name(paths.param_path(p))
     for p, _ in jax.tree_util.tree_flatten_with_path(updates)[0]
   }
-  owned = set(layer_table(updates, layouts))
   stray = [
     m
     for m in stats_lib.stats_by_path(frog_stats)
-    if m in leaves and m not in owned and not is_excluded(m, exclude)
+    if m in leaves and m not in table and not is_excluded(m, exclude)
   ]
   if stray:
     raise ValueError(
@@ -221,31 +278,6 @@ def _check_stats_owned(updates, frog_stats, exclude, layouts) -> None:
       ' its layouts. Build it with layouts=fo.jax.layouts(loss_fn, params,'
       ' ...), or exclude them.'
     )
-
-
-def _cast_to_param_dtypes(
-  exclude: Sequence[str], layouts: Any
-) -> optax.GradientTransformationExtraArgs:
-  """Returns updates in the parameter dtypes (momentum may be wider).
-
-  Integer parameters are refused at `init`: the cast would truncate every
-  update to zero. It sees the whole tree, so it also refuses stats of
-  layers the routing does not own (:func:`_check_stats_owned`).
-  """
-
-  def init_fn(params):
-    validation.check_float_params(params)
-    return optax.EmptyState()
-
-  def update_fn(updates, state, params=None, *, frog_stats=None, **extra):
-    del extra
-    if frog_stats is not None:
-      _check_stats_owned(updates, frog_stats, exclude, layouts)
-    if params is None:
-      return updates, state
-    return jax.tree.map(lambda u, p: u.astype(p.dtype), updates, params), state
-
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 class RoutedTransformation(optax.GradientTransformationExtraArgs):
@@ -292,25 +324,47 @@ def route(
   fallback: optax.GradientTransformation,
   exclude: Sequence[str],
   layouts: Any = None,
-) -> optax.GradientTransformationExtraArgs:
-  """Sends preconditioned modules to one chain and the rest to `fallback`.
+) -> RoutedTransformation:
+  """Sends the owned layers to `preconditioned` and the rest to `fallback`.
 
-  The result returns updates in the parameter dtypes. `exclude` is applied
-  here, so `preconditioned` never sees excluded layers; `layouts` name the
-  layers of models that are not Flax modules.
+  One update builds the layer table once: it labels the leaves for
+  `optax.partition`, refuses stats of layers it does not own, and is handed
+  to `preconditioned` as the extra argument `frog_layer_table` (the owned
+  layers), so the shell need not build it again. Updates come back in the
+  parameter dtypes (momentum may be wider); integer parameters are refused
+  at `init`, where the cast would truncate every update to zero.
   """
   if not isinstance(fallback, optax.GradientTransformation):
     raise ValueError(
       f'fallback must be an optax.GradientTransformation; got {fallback!r}.'
     )
-  chained = optax.chain(
-    optax.partition(
-      {PRECONDITIONED: preconditioned, FALLBACK: fallback},
-      lambda params: frog_param_labels(params, exclude, layouts),
-    ),
-    _cast_to_param_dtypes(exclude, layouts),
-  )
-  routed = RoutedTransformation(chained.init, chained.update)
-  routed.exclude = tuple(exclude)
+  exclude = tuple(exclude)
+  groups = {PRECONDITIONED: preconditioned, FALLBACK: fallback}
+
+  def split(tree):
+    """The owned layers of `tree`, and the partition they label."""
+    table = layer_table(tree, layouts)
+    owned = owned_layers(table, exclude)
+    labels = _labels(tree, owned)
+    # A function: a labels tree that is callable (an Equinox module) would
+    # be called by optax.partition.
+    return table, owned, optax.partition(groups, lambda _: labels)
+
+  def init_fn(params):
+    validation.check_float_params(params)
+    return split(params)[2].init(params)
+
+  def update_fn(updates, state, params=None, **extra):
+    table, owned, partition = split(updates)
+    if extra.get('frog_stats') is not None:
+      _check_stats_owned(updates, extra['frog_stats'], exclude, table)
+    extra['frog_layer_table'] = owned
+    updates, state = partition.update(updates, state, params, **extra)
+    if params is not None:
+      updates = jax.tree.map(lambda u, p: u.astype(p.dtype), updates, params)
+    return updates, state
+
+  routed = RoutedTransformation(init_fn, update_fn)
+  routed.exclude = exclude
   routed.layouts = layouts
   return routed

@@ -48,10 +48,6 @@ class ParamLayout:
   kernel_perm: tuple[int, ...] | None = None
   bias_path: str | None = None
 
-  @property
-  def is_row_stacked(self) -> bool:
-    return self == ParamLayout()
-
 
 @dataclasses.dataclass(frozen=True)
 class LayerStats:

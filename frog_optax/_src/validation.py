@@ -1,7 +1,8 @@
 """Hyper-parameter checks that raise clear errors at construction time.
 
 Values that are traced (for example inside `optax.inject_hyperparams`) or
-schedules cannot be checked here and pass through unchecked.
+schedules cannot be checked here and pass through unchecked; the last two
+functions give such a value at a step, and make an invalid one visible.
 """
 
 import warnings
@@ -183,3 +184,20 @@ def check_float_params(tree: Any, leaves: Any = None) -> None:
       f' {bad[:10]}. Keep integer state out of the optimised tree (for'
       ' example in a separate Flax collection).'
     )
+
+
+def schedule_value(value: Any, count: jax.Array):
+  """A hyper-parameter at step `count`: calls schedules, passes numbers."""
+  return value(count) if callable(value) else value
+
+
+def nonnegative_or_nan(value: Any) -> jax.Array:
+  """`value`, or NaN where it is negative.
+
+  For values that cannot be checked at construction (schedules, traced
+  hyper-parameters): an invalid damping must make the step visibly
+  non-finite (and skippable with :func:`frog_optax.apply_if_finite`), not
+  give a finite update of an indefinite system.
+  """
+  value = jnp.asarray(value)
+  return jnp.where(value >= 0, value, jnp.nan)

@@ -1,4 +1,4 @@
-"""Row-stacked weights as `(rows, D)` matrices, and explicit Cholesky solves.
+"""Explicit Cholesky solves of row systems, rows flattened to `(rows, D)`.
 
 The matrix-free solvers work on `{'kernel', 'bias'?}` dicts directly; the
 explicit ones (FROG's exact-solve ablation, FOOF on small layers) flatten
