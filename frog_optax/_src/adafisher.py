@@ -272,15 +272,11 @@ def adafisher(
     argument `frog_stats`.
 
   Example:
-    Used as :func:`frog` is, with the same capture and `frog_stats`:
+    Built like :func:`frog` and updated with the same capture and
+    `frog_stats` (see its example):
 
-    >>> import jax.numpy as jnp, frog_optax as fo
-    >>> params = {'Dense_0': {'kernel': jnp.ones((3, 2)), 'bias': jnp.zeros(2)}}
-    >>> stats = {'Dense_0': fo.LayerStats(
-    ...     inputs=jnp.arange(12.).reshape(4, 3),
-    ...     output_grads=jnp.ones((4, 2)), geometry=fo.DenseGeometry())}
+    >>> import frog_optax as fo
     >>> tx = fo.adafisher(1e-3, weight_decay=5e-4)
-    >>> u, _ = tx.update(params, tx.init(params), params, frog_stats=stats)
 
   References:
     Gomes et al., AdaFisher: Adaptive Second Order Optimization via Fisher
@@ -340,13 +336,11 @@ adafisherw.__doc__ = r"""AdaFisherW: AdaFisher, weight decay decoupled (AdamW).
     argument `frog_stats`.
 
   Example:
-    >>> import jax.numpy as jnp, frog_optax as fo
-    >>> params = {'Dense_0': {'kernel': jnp.ones((3, 2)), 'bias': jnp.zeros(2)}}
-    >>> stats = {'Dense_0': fo.LayerStats(
-    ...     inputs=jnp.arange(12.).reshape(4, 3),
-    ...     output_grads=jnp.ones((4, 2)), geometry=fo.DenseGeometry())}
+    Built like :func:`frog` and updated with the same capture and
+    `frog_stats` (see its example):
+
+    >>> import frog_optax as fo
     >>> tx = fo.adafisherw(1e-3, weight_decay=0.05)
-    >>> u, _ = tx.update(params, tx.init(params), params, frog_stats=stats)
 
   References:
     Gomes et al., AdaFisher: Adaptive Second Order Optimization via Fisher

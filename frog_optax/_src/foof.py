@@ -230,15 +230,11 @@ def foof(
     argument `frog_stats`.
 
   Example:
-    Used as :func:`frog` is, with the same capture and `frog_stats`:
+    Built like :func:`frog` and updated with the same capture and
+    `frog_stats` (see its example):
 
-    >>> import jax.numpy as jnp, frog_optax as fo
-    >>> params = {'Dense_0': {'kernel': jnp.ones((3, 2)), 'bias': jnp.zeros(2)}}
-    >>> stats = {'Dense_0': fo.LayerStats(
-    ...     inputs=jnp.arange(12.).reshape(4, 3),
-    ...     output_grads=jnp.ones((4, 2)), geometry=fo.DenseGeometry())}
+    >>> import frog_optax as fo
     >>> tx = fo.foof(0.1, damping=1.0, update_interval=10)
-    >>> u, _ = tx.update(params, tx.init(params), params, frog_stats=stats)
 
   References:
     Benzing, Gradient descent on neurons and its link to approximate

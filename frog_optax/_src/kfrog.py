@@ -143,15 +143,11 @@ def kfrog(
     argument `frog_stats`.
 
   Example:
-    Used as :func:`frog` is, with the same capture and `frog_stats`:
+    Built like :func:`frog` and updated with the same capture and
+    `frog_stats` (see its example):
 
-    >>> import jax.numpy as jnp, frog_optax as fo
-    >>> params = {'Dense_0': {'kernel': jnp.ones((3, 2)), 'bias': jnp.zeros(2)}}
-    >>> stats = {'Dense_0': fo.LayerStats(
-    ...     inputs=jnp.arange(12.).reshape(4, 3),
-    ...     output_grads=jnp.ones((4, 2)), geometry=fo.DenseGeometry())}
+    >>> import frog_optax as fo
     >>> tx = fo.kfrog(0.01, y_momentum=0.9)
-    >>> u, _ = tx.update(params, tx.init(params), params, frog_stats=stats)
 
   References:
     Breskanu, FROG (legacy `kfrog.py`),
