@@ -208,7 +208,7 @@ def _stats(params, leaf_paths, found, capture, inputs, output_grads) -> Any:
       and module not in module_entries
     ):
       module_entries[module] = entry
-  return stats_lib.place(params, {**leaf_entries, **module_entries})
+  return paths.place(params, {**leaf_entries, **module_entries})
 
 
 def _gathered(stats, axis_name):

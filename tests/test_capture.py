@@ -17,7 +17,7 @@ import pytest
 
 import frog_optax as fo
 from frog_optax._src import family
-from frog_optax._src import stats as stats_lib
+from frog_optax._src import paths
 
 import reference_loops as ref
 
@@ -170,7 +170,7 @@ def test_attention_projections_are_captured_and_embed_falls_back():
     ).mean()
 
   _, grads, stats = fo.linen.value_and_grad(loss_fn, sample_size=None)(params)
-  by_path = stats_lib.stats_by_path(stats)
+  by_path = paths.entries_by_path(stats, fo.LayerStats)
   assert sorted(by_path) == [
     'attn/key',
     'attn/out',

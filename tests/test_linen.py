@@ -168,7 +168,7 @@ def test_nested_remat_and_shared_modules():
   chex.assert_trees_all_close(
     (loss, grads), (want_loss, want_grads), rtol=1e-12
   )
-  assert set(fo._src.stats.stats_by_path(stats)) == {
+  assert set(fo._src.paths.entries_by_path(stats, fo.LayerStats)) == {
     'checkpointed',
     'shared',
     'block/Dense_0',

@@ -333,8 +333,8 @@ def _capture_twins(linen_model, nnx_model, x):
   _, n_grads, n_stats = fo.nnx.value_and_grad(nnx_loss, sample_size=3)(
     nnx_model
   )
-  flat = fo._src.stats.stats_by_path(stats)
-  n_flat = fo._src.stats.stats_by_path(n_stats)
+  flat = fo._src.paths.entries_by_path(stats, fo.LayerStats)
+  n_flat = fo._src.paths.entries_by_path(n_stats, fo.LayerStats)
   assert set(n_flat) == set(flat) and flat
   for path, want in flat.items():
     got = n_flat[path]

@@ -9,6 +9,7 @@ import numpy as np
 
 from frog_optax._src import family
 from frog_optax._src import fisher
+from frog_optax._src import paths
 from frog_optax._src import routing
 from frog_optax._src import stats as stats_lib
 
@@ -25,7 +26,7 @@ def _row_size(leaves, layer_stats) -> int:
 
 
 def _leaf_uncaptured(stats) -> dict[str, stats_lib.UncapturedLayer]:
-  return stats_lib.stats_by_path(stats, stats_lib.UncapturedLayer)
+  return paths.entries_by_path(stats, stats_lib.UncapturedLayer)
 
 
 def _entry(name, leaves, route, why):
@@ -58,7 +59,7 @@ def describe_rows(
     layouts = routing.layout_tree(stats)
   table = routing.layer_table(params, layouts)
   chosen = set(routing.preconditioned_modules(params, exclude, layouts))
-  by_path = stats_lib.stats_by_path(stats)
+  by_path = paths.entries_by_path(stats, stats_lib.LayerStats)
   uncaptured = _leaf_uncaptured(stats)
   owned = {path for roles in table.values() for path in roles.values()}
   layers = family.layer_leaves(params, table)

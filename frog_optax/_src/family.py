@@ -273,10 +273,10 @@ def _stats_of(chosen, frog_stats) -> dict[str, stats_lib.LayerStats]:
       ' pass it on; use frog_optax.linen.TrainState, whose'
       ' apply_gradients(grads=..., frog_stats=...) does.'
     )
-  by_path = stats_lib.stats_by_path(frog_stats)
+  by_path = paths.entries_by_path(frog_stats, stats_lib.LayerStats)
   missing = [m for m in chosen if m not in by_path]
   if missing:
-    uncaptured = stats_lib.stats_by_path(frog_stats, stats_lib.UncapturedLayer)
+    uncaptured = paths.entries_by_path(frog_stats, stats_lib.UncapturedLayer)
     raise _missing_stats_error(missing, uncaptured)
   return by_path
 
@@ -355,7 +355,7 @@ def scale_by_row_preconditioner(
       for m in table
     }
     return RowPreconditionerState(
-      count=jnp.zeros([], jnp.int32), layers=stats_lib.place(params, layers)
+      count=jnp.zeros([], jnp.int32), layers=paths.place(params, layers)
     )
 
   def update_module(name, leaves, layer_stats, layer_state, count):
@@ -377,7 +377,7 @@ def scale_by_row_preconditioner(
   def layer_states(updates, state, table):
     """`{layer: its state}`, or an error when the state is of other params."""
     try:
-      return stats_lib.read(updates, state.layers, list(table))
+      return paths.read(updates, state.layers, list(table))
     except ValueError as e:
       raise ValueError(
         'The optimizer state was initialised with other parameters (or'
@@ -416,7 +416,7 @@ def scale_by_row_preconditioner(
       )
     new_state = RowPreconditionerState(
       count=optax.safe_increment(state.count),
-      layers=stats_lib.place(updates, layers),
+      layers=paths.place(updates, layers),
     )
     return replace_layers(updates, table, new_leaves), new_state
 

@@ -1,10 +1,13 @@
-"""Module and parameter paths: how a tree path is named.
+"""Module and parameter paths: how a tree path is named, and trees by path.
 
 `exclude`, the routing, the stats trees and the error messages all name a
 module by its '/'-joined path, the same for linen parameter dicts, NNX
-states and plain trees.
+states and plain trees. The stats trees and the optimizers' per-layer state
+are params-prefix trees with an entry at the node a path names: built by
+:func:`place`, read back by :func:`read` and :func:`entries_by_path`.
 """
 
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -40,3 +43,72 @@ def module_and_leaf(path: tuple[Any, ...]) -> tuple[str, str]:
   """`('block/Dense_0', 'kernel')` for a parameter leaf's tree path."""
   path = param_path(path)
   return path_name(path[:-1]), key_name(path[-1])
+
+
+def entries_by_path(tree: Any, kind: type) -> dict[str, Any]:
+  """`{path: entry}` of the entries of type `kind` in a params-prefix tree.
+
+  E.g. `entries_by_path(stats, fo.LayerStats)` for the captured layers, or
+  `fo.UncapturedLayer` for those the capture refused.
+  """
+  flat, _ = jax.tree_util.tree_flatten_with_path(
+    tree, is_leaf=lambda x: isinstance(x, kind)
+  )
+  return {path_name(p): leaf for p, leaf in flat if isinstance(leaf, kind)}
+
+
+def place(params: Any, entries: Mapping[str, Any]) -> Any:
+  """The params-prefix tree with `entries` at the nodes they name.
+
+  Args:
+    params: the parameter tree (nested mappings, lists and tuples of
+      arrays, or any pytree whose leaves are named).
+    entries: `{path: value}`, a path naming a module dict (the value takes
+      the whole dict's place) or a leaf ('/'-joined, as :func:`path_name` names
+      them).
+
+  Returns:
+    The nesting of `params` with each entry in place of the node it names
+    and `None` at every other leaf. Captured stats, the refusals and the
+    optimizers' per-layer state all take this form.
+  """
+
+  def build(node, prefix):
+    name = '/'.join(prefix)
+    if name in entries:
+      return entries[name]
+    if isinstance(node, Mapping):
+      return {k: build(v, prefix + (str(k),)) for k, v in node.items()}
+    if isinstance(node, (list, tuple)) and not hasattr(node, '_fields'):
+      return type(node)(
+        build(v, prefix + (str(i),)) for i, v in enumerate(node)
+      )
+    # A leaf (an NNX Variable counts as one: `nnx.Optimizer` initialises
+    # with Variables and updates with arrays), or another pytree whose
+    # leaves are named by their paths.
+    flat, treedef = jax.tree_util.tree_flatten_with_path(node)
+    names = [
+      '/'.join([*prefix, *filter(None, [path_name(param_path(p))])])
+      for p, _ in flat
+    ]
+    if all(n == name for n in names):
+      return None
+    return treedef.unflatten([entries.get(n) for n in names])
+
+  return build(params, ())
+
+
+def read(params: Any, tree: Any, names: list[str]) -> dict[str, Any]:
+  """The entries of a tree `place` built from `params`, by name.
+
+  Raises:
+    ValueError: when `tree` was not built from parameters of this
+      structure (with these names).
+  """
+  index = place(params, {name: i for i, name in enumerate(names)})
+  try:
+    found = jax.tree_util.tree_structure(index).flatten_up_to(tree)
+  except (ValueError, TypeError) as e:
+    raise ValueError(str(e)) from None
+  order = jax.tree_util.tree_leaves(index)
+  return {names[i]: entry for i, entry in zip(order, found)}

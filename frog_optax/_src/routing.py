@@ -267,7 +267,7 @@ def _check_stats_owned(updates, frog_stats, exclude, table) -> None:
   }
   stray = [
     m
-    for m in stats_lib.stats_by_path(frog_stats)
+    for m in paths.entries_by_path(frog_stats, stats_lib.LayerStats)
     if m in leaves and m not in table and not is_excluded(m, exclude)
   ]
   if stray:

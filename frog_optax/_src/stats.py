@@ -133,76 +133,6 @@ def is_stats_leaf(x: Any) -> bool:
   return x is None or isinstance(x, (LayerStats, UncapturedLayer))
 
 
-def stats_by_path(stats: Any, kind: type = LayerStats) -> dict[str, Any]:
-  """Flattens a params-prefix stats tree to `{module_path: entry}`.
-
-  Args:
-    stats: the stats tree.
-    kind: the entries to keep, `LayerStats` or `UncapturedLayer`.
-  """
-  flat, _ = jax.tree_util.tree_flatten_with_path(stats, is_leaf=is_stats_leaf)
-  return {
-    paths.path_name(path): leaf for path, leaf in flat if isinstance(leaf, kind)
-  }
-
-
-def place(params: Any, entries: Mapping[str, Any]) -> Any:
-  """The params-prefix tree with `entries` at the nodes they name.
-
-  Args:
-    params: the parameter tree (nested mappings, lists and tuples of
-      arrays, or any pytree whose leaves are named).
-    entries: `{path: value}`, a path naming a module dict (the value takes
-      the whole dict's place) or a leaf ('/'-joined, as :mod:`paths` names
-      them).
-
-  Returns:
-    The nesting of `params` with each entry in place of the node it names
-    and `None` at every other leaf. Captured stats, the refusals and the
-    optimizers' per-layer state all take this form.
-  """
-
-  def build(node, prefix):
-    name = '/'.join(prefix)
-    if name in entries:
-      return entries[name]
-    if isinstance(node, Mapping):
-      return {k: build(v, prefix + (str(k),)) for k, v in node.items()}
-    if isinstance(node, (list, tuple)) and not hasattr(node, '_fields'):
-      return type(node)(
-        build(v, prefix + (str(i),)) for i, v in enumerate(node)
-      )
-    # A leaf (an NNX Variable counts as one: `nnx.Optimizer` initialises
-    # with Variables and updates with arrays), or another pytree whose
-    # leaves are named by their paths.
-    flat, treedef = jax.tree_util.tree_flatten_with_path(node)
-    names = [
-      '/'.join([*prefix, *filter(None, [paths.path_name(paths.param_path(p))])])
-      for p, _ in flat
-    ]
-    if all(n == name for n in names):
-      return None
-    return treedef.unflatten([entries.get(n) for n in names])
-
-  return build(params, ())
-
-
-def read(params: Any, tree: Any, names: list[str]) -> dict[str, Any]:
-  """The entries of a tree `place` built from `params`, by name.
-
-  Raises:
-    ValueError: when `tree` was not built from parameters of this
-      structure (with these names).
-  """
-  index = place(params, {name: i for i, name in enumerate(names)})
-  try:
-    found = jax.tree_util.tree_structure(index).flatten_up_to(tree)
-  except (ValueError, TypeError) as e:
-    raise ValueError(str(e)) from None
-  order = jax.tree_util.tree_leaves(index)
-  return {names[i]: entry for i, entry in zip(order, found)}
-
-
 def stats_tree(
   params: Any,
   captured: Mapping[str, LayerStats],
@@ -221,4 +151,4 @@ def stats_tree(
     captured module's `{'kernel', 'bias'}` dict, an `UncapturedLayer` in
     place of each uncaptured one, and `None` at every other leaf.
   """
-  return place(params, {**(uncaptured or {}), **captured})
+  return paths.place(params, {**(uncaptured or {}), **captured})
