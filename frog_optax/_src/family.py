@@ -344,9 +344,7 @@ def scale_by_row_preconditioner(
   def init_fn(params):
     table = routing.layer_table(params, layouts)
     modules = layer_leaves(params, table)
-    validation.check_float_params(
-      params, {path for roles in table.values() for path in roles.values()}
-    )
+    validation.check_float_params(params, routing.leaf_paths(table))
     init_layouts = routing.layouts_by_path(layouts, params)
     layers = {
       m: init_module(

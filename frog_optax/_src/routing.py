@@ -222,9 +222,14 @@ def preconditioned_modules(
   return list(owned_layers(layer_table(params, layouts), exclude))
 
 
+def leaf_paths(table: dict[str, dict[str, str]]) -> set[str]:
+  """The paths of every leaf of the layers in `table`."""
+  return {path for roles in table.values() for path in roles.values()}
+
+
 def _labels(tree: Any, owned: dict[str, dict[str, str]]) -> Any:
   """`'frog'` at the leaves of the `owned` layers, `'fallback'` elsewhere."""
-  leaves = {path for roles in owned.values() for path in roles.values()}
+  leaves = leaf_paths(owned)
   return jax.tree_util.tree_map_with_path(
     lambda p, _: (
       PRECONDITIONED
