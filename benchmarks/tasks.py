@@ -29,15 +29,23 @@ FASHION_TARGETS = (0.85, 0.88, 0.90, 0.92)
 # FROG's registry grid topped out at its edge (0.3) on the conv net's first
 # sweep here: the grid moves up by two points, still five a factor ~3 apart.
 _FASHION_FROG_GRID = (0.03, 0.1, 0.3, 1.0, 3.0)
-FASHION_GRIDS = {'frog': _FASHION_FROG_GRID, 'frog_s16': _FASHION_FROG_GRID}
+# K-FROG and FOOF picked their registry grids' top (1.0): one point above.
+_FASHION_FAMILY_GRID = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0)
+FASHION_GRIDS = {
+  'frog': _FASHION_FROG_GRID,
+  'frog_s16': _FASHION_FROG_GRID,
+  'kfrog': _FASHION_FAMILY_GRID,
+  'foof': _FASHION_FAMILY_GRID,
+}
 # A ResNet-20 run costs ~4x the conv net's on 2 CPU cores: a factor ~3
 # apart, four or five points. The first grids started at a third of each
 # conv-net pick and every pick fell on their low edge, so each grid runs one
 # point lower (the pieces keep the points already trained), and the
 # optimizers not yet run start a factor 3-10 below their conv-net pick.
-# FROG's pick fell on the low edge twice: its grid has a sixth point below.
+# FROG's pick fell on the low edge three times: its grid has a seventh
+# point below.
 RESNET20_GRIDS = {
-  'frog': (0.01, 0.03, 0.1, 0.3, 1.0, 3.0),
+  'frog': (0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0),
   # Around frog's flat top (0.01-0.1), one point below it.
   'frog_s16': (0.003, 0.01, 0.03, 0.1),
   'sgd': (0.03, 0.1, 0.3, 1.0, 3.0),
