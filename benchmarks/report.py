@@ -135,7 +135,8 @@ def plot_task(result: dict, path: str | None = None):
   """Draws the task figure; saves it to `path`, or returns it when None.
 
   Test accuracy (top) and training loss (bottom, the batch loss at each
-  evaluation) against training wall-clock (left) and steps (right).
+  evaluation) against training wall-clock (left, log scale: a K-FAC run
+  lasts ~10x the others) and steps (right).
   """
   import matplotlib.pyplot as plt  # noqa: PLC0415
 
@@ -151,7 +152,11 @@ def plot_task(result: dict, path: str | None = None):
       for name, r in result['optimizers'].items():
         runs = r['seed_runs']
         end = max(run['history'][-1][key] for run in runs)
-        grid = np.linspace(0, end, 300)
+        if key == 'train_seconds':  # from the first evaluation after step 0
+          start = min(run['history'][1][key] for run in runs)
+          grid = np.geomspace(start, end, 300)
+        else:
+          grid = np.linspace(0, end, 300)
         mean, lo, hi = _band(runs, key, grid, y_key)
         (line,) = ax.plot(grid, mean, label=name)
         ax.fill_between(grid, lo, hi, color=line.get_color(), alpha=0.2)
@@ -163,6 +168,8 @@ def plot_task(result: dict, path: str | None = None):
       else:
         ax.set_yscale('log')
         ax.legend(loc='upper right')
+      if key == 'train_seconds':
+        ax.set_xscale('log')
       ax.set_xlabel(label)
       ax.set_ylabel(y_key.replace('_', ' '))
       ax.grid(alpha=0.3)
