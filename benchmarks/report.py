@@ -153,8 +153,9 @@ def plot_task(result: dict, path: str | None = None):
         runs = r['seed_runs']
         end = max(run['history'][-1][key] for run in runs)
         if key == 'train_seconds':  # from the first evaluation after step 0
-          start = min(run['history'][1][key] for run in runs)
-          grid = np.geomspace(start, end, 300)
+          times = [h[key] for run in runs for h in run['history']]
+          start = min((t for t in times if t > 0), default=1.0)
+          grid = np.geomspace(start, max(end, start), 300)
         else:
           grid = np.linspace(0, end, 300)
         mean, lo, hi = _band(runs, key, grid, y_key)
