@@ -141,10 +141,10 @@ def plot_task(result: dict, path: str | None = None):
   import matplotlib.pyplot as plt  # noqa: PLC0415
 
   fig, axes = plt.subplots(2, 2, figsize=(12, 8.4))
-  for column, (key, label) in enumerate(
+  for column, (key, label, log_x) in enumerate(
     (
-      ('train_seconds', 'training wall-clock (s, evaluation excluded)'),
-      ('step', 'steps'),
+      ('train_seconds', 'training wall-clock (s, evaluation excluded)', True),
+      ('step', 'steps', False),
     )
   ):
     for row, y_key in enumerate(('test_accuracy', 'train_loss')):
@@ -152,7 +152,7 @@ def plot_task(result: dict, path: str | None = None):
       for name, r in result['optimizers'].items():
         runs = r['seed_runs']
         end = max(run['history'][-1][key] for run in runs)
-        if key == 'train_seconds':  # from the first evaluation after step 0
+        if log_x:  # from the first evaluation after step 0
           times = [h[key] for run in runs for h in run['history']]
           start = min((t for t in times if t > 0), default=1.0)
           grid = np.geomspace(start, max(end, start), 300)
@@ -169,7 +169,7 @@ def plot_task(result: dict, path: str | None = None):
       else:
         ax.set_yscale('log')
         ax.legend(loc='upper right')
-      if key == 'train_seconds':
+      if log_x:
         ax.set_xscale('log')
       ax.set_xlabel(label)
       ax.set_ylabel(y_key.replace('_', ' '))
