@@ -152,7 +152,7 @@ def plot_task(result: dict, path: str | None = None):
       for name, r in result['optimizers'].items():
         runs = r['seed_runs']
         end = max(run['history'][-1][key] for run in runs)
-        if log_x:  # from the first evaluation after step 0
+        if log_x:  # step 0 sits at 0 s: start at the first positive time
           times = [h[key] for run in runs for h in run['history']]
           start = min((t for t in times if t > 0), default=1.0)
           grid = np.geomspace(start, max(end, start), 300)
