@@ -158,12 +158,12 @@ def value_and_grad(
         for k, s in discovery.shapes.items()
       }
 
-    (loss, (aux, inputs)), (leaf_grads, output_grads), capture = (
+    ((loss, (aux, inputs)), (leaf_grads, output_grads)), capture = (
       capture_lib.two_passes(
-        lambda capture, z, p: run(p, z, capture),
-        leaves,
         lambda _: jaxpr_capture.Pass(found, sample_size, rng),
-        zero_perturbations,
+        *capture_lib.jax_passes(
+          lambda capture, z, p: run(p, z, capture), leaves, zero_perturbations
+        ),
       )
     )
     grads = jax_lib.tree_util.tree_unflatten(treedef, leaf_grads)

@@ -32,8 +32,8 @@ from flax.training import train_state
 from frog_optax._src import capture as capture_lib
 from frog_optax._src import describe as describe_lib
 from frog_optax._src import linen_capture
+from frog_optax._src import paths
 from frog_optax._src import routing
-from frog_optax._src import stats as stats_lib
 from frog_optax._src import validation
 from frog_optax._src.linen_capture import INPUTS
 from frog_optax._src.linen_capture import PERTURBATIONS
@@ -129,22 +129,14 @@ def value_and_grad(
       loss, aux = out if has_aux else (out, None)
       return loss, (aux, session.collected_inputs)
 
-    def new_pass(discovery):
-      if discovery is None:
-        return linen_capture.Session(True, sample_size, rng, exclude)
-      # The layers refused in discovery are left alone in the real pass too.
-      return linen_capture.Session(
-        False, sample_size, rng, exclude, uncaptured=dict(discovery.uncaptured)
-      )
-
-    (loss, (aux, _)), (grads, output_grads), session = capture_lib.two_passes(
-      run, params, new_pass, linen_capture.discovered_perturbations
+    ((loss, (aux, _)), (grads, output_grads)), session = capture_lib.two_passes(
+      linen_capture.Session.passes(sample_size, rng, exclude),
+      *capture_lib.jax_passes(
+        run, params, linen_capture.discovered_perturbations
+      ),
     )
-    stats = stats_lib.stats_tree(
-      params,
-      linen_capture.assemble_stats(session, output_grads, axis_name),
-      session.uncaptured,
-    )
+    captured = linen_capture.assemble_stats(session, output_grads, axis_name)
+    stats = paths.place(params, {**session.uncaptured, **captured})
     value = (loss, aux) if has_aux else loss
     return value, grads, stats
 

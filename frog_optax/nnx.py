@@ -35,14 +35,13 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from frog_optax._src import capture as capture_lib
 from frog_optax._src import describe as describe_lib
 from frog_optax._src import nnx_capture
+from frog_optax._src import paths
 from frog_optax._src import routing
-from frog_optax._src import stats as stats_lib
 from frog_optax._src import validation
 from frog_optax._src.nnx_capture import FrogInputs
 from frog_optax._src.nnx_capture import FrogPerturbation
@@ -117,30 +116,33 @@ def value_and_grad(
         out = fun(model, *args, **kwargs)
       return out if has_aux else (out, None)
 
-    with nnx_capture.tagged(model):
+    def discover(discovery):
       # Shapes only, on copies: neither the model nor graph nodes among the
       # arguments (an `nnx.Rngs` for dropout) are touched.
-      discovery = capture_lib.Recorder(True, sample_size, rng, exclude)
-
-      def discover(m, *a, **kw):
+      def trace(m, *a, **kw):
         run(discovery, m, *a, **kw)
         return nnx.state(m, FrogPerturbation)
 
-      shapes = nnx.eval_shape(discover, model, *args, **kwargs)
-      nnx.update(
-        model, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-      )
-      # The arguments go through nnx.value_and_grad (not a closure), so that
-      # their graph nodes are updated as nnx.value_and_grad updates them.
-      session = capture_lib.Recorder(
-        False, sample_size, rng, exclude, uncaptured=dict(discovery.uncaptured)
-      )
+      return nnx.eval_shape(trace, model, *args, **kwargs)
+
+    def differentiate(session, zeros):
+      # The perturbations are Variables of the layers; the arguments go
+      # through nnx.value_and_grad (not a closure), so that their graph
+      # nodes are updated as nnx.value_and_grad updates them.
+      nnx.update(model, zeros)
       wrt = nnx.DiffState(0, nnx.Any(nnx.Param, FrogPerturbation))
-      (loss, aux), all_grads = nnx.value_and_grad(
+      return nnx.value_and_grad(
         lambda m, *a, **kw: run(session, m, *a, **kw),
         argnums=wrt,
         has_aux=True,
       )(model, *args, **kwargs)
+
+    with nnx_capture.tagged(model):
+      ((loss, aux), all_grads), session = capture_lib.two_passes(
+        capture_lib.Recorder.passes(sample_size, rng, exclude),
+        discover,
+        differentiate,
+      )
       inputs = nnx_capture.calls(
         nnx.state(model, FrogInputs), nnx_capture.INPUTS_PREFIX
       )
@@ -152,7 +154,7 @@ def value_and_grad(
     )
     captured = session.layer_stats(inputs, output_grads, axis_name)
     uncaptured = nnx_capture.uncaptured_modules(model) | session.uncaptured
-    stats = stats_lib.stats_tree(nnx.to_pure_dict(grads), captured, uncaptured)
+    stats = paths.place(nnx.to_pure_dict(grads), {**uncaptured, **captured})
     value = (loss, aux) if has_aux else loss
     return value, grads, stats
 

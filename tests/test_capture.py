@@ -384,3 +384,37 @@ def test_unsupported_contractions_are_refused_by_name(layer, shape, why):
   tx = fo.frog(0.1)
   with pytest.raises(ValueError, match=f"'layer'.*{why}"):
     tx.update(grads, tx.init(params), params, frog_stats=stats)
+
+
+@pytest.mark.parametrize('front_end', ['linen', 'nnx', 'jax'])
+def test_every_front_end_runs_the_one_two_pass_driver(front_end, monkeypatch):
+  from flax import nnx
+
+  from frog_optax._src import capture
+
+  calls = []
+  drive = capture.two_passes
+  monkeypatch.setattr(
+    capture, 'two_passes', lambda *a: calls.append(1) or drive(*a)
+  )
+  x = jnp.arange(12.0).reshape(4, 3)
+  if front_end == 'linen':
+    model = nn.Dense(2)
+    apply_fn = fo.linen.capture(model.apply)
+    loss_fn = lambda p, x: apply_fn({'params': p}, x).sum()
+    grad_fn = fo.linen.value_and_grad(loss_fn, sample_size=2)
+    args = (model.init(jax.random.key(0), x)['params'], x)
+  elif front_end == 'nnx':
+    grad_fn = fo.nnx.value_and_grad(lambda m, x: m(x).sum(), sample_size=2)
+    args = (nnx.Linear(3, 2, rngs=nnx.Rngs(0)), x)
+  else:
+    loss_fn = lambda p, x: (x @ p['w'] + p['b']).sum()
+    grad_fn = fo.jax.value_and_grad(loss_fn, sample_size=2)
+    args = ({'w': jnp.ones((3, 2)), 'b': jnp.zeros(2)}, x)
+  _, _, stats = grad_fn(*args)
+  assert len(calls) == 1
+  # The driver's real pass is the one whose stats come back: the strided
+  # examples 0 and 2, and the output gradient of a summed loss times B.
+  (layer_stats,) = paths.entries_by_path(stats, fo.LayerStats).values()
+  np.testing.assert_array_equal(layer_stats.inputs, x[::2])
+  np.testing.assert_array_equal(layer_stats.output_grads, 4 * np.ones((2, 2)))

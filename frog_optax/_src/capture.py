@@ -90,6 +90,17 @@ class Recorder:
     default_factory=dict
   )
 
+  @classmethod
+  def passes(cls, sample_size, rng, exclude) -> Callable[[Any], 'Recorder']:
+    """`new_pass` of :func:`two_passes`: the real pass keeps the refusals."""
+    return lambda discovery: cls(
+      discovery is None,
+      sample_size,
+      rng,
+      exclude,
+      uncaptured={} if discovery is None else dict(discovery.uncaptured),
+    )
+
   def refuse(self, path: str, layer_type: str, why: str) -> None:
     """Records that `path` is not captured (the first reason is kept)."""
     self.uncaptured.setdefault(path, stats_lib.UncapturedLayer(layer_type, why))
@@ -165,43 +176,64 @@ class Recorder:
 
 
 def two_passes(
-  run: Callable[[Any, Any, Any], tuple[jax.Array, Any]],
-  params: Any,
   new_pass: Callable[[Any], Any],
-  zero_perturbations: Callable[[Any], Any],
-) -> tuple[tuple[jax.Array, Any], tuple[Any, Any], Any]:
+  discover: Callable[[Any], Any],
+  differentiate: Callable[[Any, Any], Any],
+) -> tuple[Any, Any]:
   """Shape discovery, then one backward pass over (params, perturbations).
 
-  The first pass only traces (`jax.eval_shape`): it learns which layers are
-  captured and the shapes of their zero output perturbations. The second
-  differentiates the loss with respect to the parameters and those zeros at
-  once; the gradient of a zero perturbation is the layer's output gradient
-  on the sampled examples.
+  Every front end captures this way, in its framework's transforms
+  (:func:`jax_passes`, or NNX's, which carry graph state). The first pass
+  only traces: which layers are captured, and the shapes of their zero
+  output perturbations. The second differentiates the loss with respect to
+  the parameters and those zeros at once; the gradient of a zero
+  perturbation is the layer's output gradient on the sampled examples.
+
+  Args:
+    new_pass: `(discovery) -> recorder`; `discovery` is `None` for the
+      discovery pass itself, else its recorder.
+    discover: `(discovery recorder) -> shapes` of the zero perturbations.
+    differentiate: `(recorder, zeros) -> (value, grads)`.
+
+  Returns:
+    `((value, grads), recorder)` of the real pass.
+  """
+  discovery = new_pass(None)
+  shapes = discover(discovery)
+  zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+  recorder = new_pass(discovery)
+  return differentiate(recorder, zeros), recorder
+
+
+def jax_passes(
+  run: Callable[[Any, Any, Any], tuple[jax.Array, Any]],
+  params: Any,
+  zero_perturbations: Callable[[Any], Any],
+) -> tuple[Callable[[Any], Any], Callable[[Any, Any], Any]]:
+  """`(discover, differentiate)` of :func:`two_passes` in `jax` transforms.
 
   Args:
     run: `(recorder, perturbations, params) -> (loss, aux)`, the user's
       function with the front end's hook active; `perturbations` is `None`
       in the discovery pass.
-    params: the differentiated argument.
-    new_pass: `(discovery) -> recorder` for a pass; `discovery` is `None`
-      for the discovery pass itself, else its recorder (the real pass keeps
-      the layers it refused).
+    params: the differentiated argument; the gradients are `(grads,
+      output_grads)`.
     zero_perturbations: `(discovery recorder) -> zeros`, called at the end
       of the discovery trace; only the shapes of what it returns are kept.
-
-  Returns:
-    `((loss, aux), (grads, output_grads), recorder)` of the real pass.
   """
-  discovery = new_pass(None)
-  shapes = jax.eval_shape(
-    lambda p: (run(discovery, None, p), zero_perturbations(discovery)), params
-  )[1]
-  zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-  recorder = new_pass(discovery)
-  value, grads = jax.value_and_grad(
-    lambda p, z: run(recorder, z, p), argnums=(0, 1), has_aux=True
-  )(params, zeros)
-  return value, grads, recorder
+
+  def discover(discovery):
+    return jax.eval_shape(
+      lambda p: (run(discovery, None, p), zero_perturbations(discovery)),
+      params,
+    )[1]
+
+  def differentiate(recorder, zeros):
+    return jax.value_and_grad(
+      lambda p, z: run(recorder, z, p), argnums=(0, 1), has_aux=True
+    )(params, zeros)
+
+  return discover, differentiate
 
 
 # ----------------------------------------------------------------------------

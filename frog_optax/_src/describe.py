@@ -25,10 +25,6 @@ def _row_size(leaves, layer_stats) -> int:
   return math.prod(shape[layout.stacked_axes : -1]) + ('bias' in leaves)
 
 
-def _leaf_uncaptured(stats) -> dict[str, stats_lib.UncapturedLayer]:
-  return paths.entries_by_path(stats, stats_lib.UncapturedLayer)
-
-
 def _entry(name, leaves, route, why):
   return {
     'module': name or '/',
@@ -60,7 +56,7 @@ def describe_rows(
   table = routing.layer_table(params, layouts)
   chosen = set(routing.preconditioned_modules(params, exclude, layouts))
   by_path = paths.entries_by_path(stats, stats_lib.LayerStats)
-  uncaptured = _leaf_uncaptured(stats)
+  uncaptured = paths.entries_by_path(stats, stats_lib.UncapturedLayer)
   owned = {path for roles in table.values() for path in roles.values()}
   layers = family.layer_leaves(params, table)
   rows = []

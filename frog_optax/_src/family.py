@@ -5,7 +5,8 @@ how to initialise its per-layer state, and how to turn one layer's direction
 (the momentum) into an update given that layer's captured statistics. The
 shell does everything else the same way for all of them: it picks the
 Dense/Conv-like modules (`routing`), requires `frog_stats` and names what is
-missing, checks that stats belong to their parameters, keeps a step count,
+missing, maps the rule over (stats, directions, state) with `LayerStats` as
+leaves, checks that stats belong to their parameters, keeps a step count,
 and leaves every other leaf unchanged. It also views each layer in the
 row-stacked form the members work on: a kernel whose last axis is the rows
 (a `DenseGeneral` or `Einsum` kernel transposed and reshaped to
@@ -15,6 +16,7 @@ at a time under `jax.vmap` for `nn.scan` stacks.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from typing import Any
@@ -149,15 +151,6 @@ def per_layer(fn: Callable[..., Any], layout: stats_lib.ParamLayout):
   return fn
 
 
-def one_layer_stats(stats: stats_lib.LayerStats) -> stats_lib.LayerStats:
-  """The stats of one layer of the stack (for use under :func:`per_layer`)."""
-  return stats_lib.LayerStats(
-    inputs=stats.inputs,
-    output_grads=stats.output_grads,
-    geometry=stats.geometry,
-  )
-
-
 # ----------------------------------------------------------------------------
 # The shell.
 
@@ -281,6 +274,21 @@ def _stats_of(chosen, frog_stats) -> dict[str, stats_lib.LayerStats]:
   return by_path
 
 
+def _is_layer_stats(x: Any) -> bool:
+  return isinstance(x, stats_lib.LayerStats)
+
+
+def _check_state_fits(owned_stats: Any, layers: Any) -> None:
+  """The state holds a state where the stats are, `None` at other leaves."""
+  try:
+    jax.tree.map(lambda *_: None, owned_stats, layers, is_leaf=_is_layer_stats)
+  except (ValueError, TypeError) as e:
+    raise ValueError(
+      'The optimizer state was initialised with other parameters (or'
+      f' other `exclude` settings) than those it updates: {e}'
+    ) from None
+
+
 def scale_by_row_preconditioner(
   preconditioner: LayerPreconditioner,
   layouts: Any = None,
@@ -366,21 +374,15 @@ def scale_by_row_preconditioner(
     )
     rule = lambda s, d, st: preconditioner.update(name, s, d, st, count)
     with jax.named_scope(scopes.LAYER):
+      # Under per_layer each call sees one layer: no stacked axes.
+      one_layer = dataclasses.replace(
+        layer_stats, layout=stats_lib.ParamLayout()
+      )
       u, layer_state = per_layer(rule, layout)(
-        one_layer_stats(layer_stats), direction, layer_state
+        one_layer, direction, layer_state
       )
     u = from_row_stacked(u, layout, leaves)
     return {k: u[k].astype(v.dtype) for k, v in leaves.items()}, layer_state
-
-  def layer_states(updates, state, table):
-    """`{layer: its state}`, or an error when the state is of other params."""
-    try:
-      return paths.read(updates, state.layers, list(table))
-    except ValueError as e:
-      raise ValueError(
-        'The optimizer state was initialised with other parameters (or'
-        f' other `exclude` settings) than those it updates: {e}'
-      ) from None
 
   def update_fn(
     updates,
@@ -395,26 +397,39 @@ def scale_by_row_preconditioner(
     table = frog_layer_table
     if table is None:  # not under an alias's routing: every row layer
       table = routing.layer_table(updates, layouts)
-    modules = layer_leaves(updates, table)
     by_path = _stats_of(list(table), frog_stats)
-    old = layer_states(updates, state, table)
+    # The stats of this transformation's layers on the nesting its state
+    # has (a stats tree may also hold excluded and refused layers).
+    owned_stats = paths.place(updates, {m: by_path[m] for m in table})
+    _check_state_fits(owned_stats, state.layers)
+    # Each layer's leaves where its stats are: a layer's bias may sit
+    # elsewhere in the tree (a model that is not made of Flax modules).
+    directions = paths.place(updates, layer_leaves(updates, table))
     # Only a layer's state fixes its layout (a stateless member reads it
     # from the stats alone).
-    init_layouts = {}
-    if any(old[m] is not None for m in table):
-      init_layouts = routing.layouts_by_path(layouts, updates)
-    new_leaves, layers = {}, {}
-    for m in table:
-      _check_layer_shapes(m, by_path[m], modules[m])
-      init_layout = init_layouts.get(m, stats_lib.ParamLayout())
-      if old[m] is not None and by_path[m].layout != init_layout:
-        raise _layout_mismatch(m, init_layout, by_path[m].layout)
-      new_leaves[m], layers[m] = update_module(
-        m, modules[m], by_path[m], old[m], state.count
+    init_layouts = routing.layouts_by_path(layouts, updates)
+    new_leaves = {}
+
+    def update_layer(path, layer_stats, direction, layer_state):
+      name = paths.path_name(path)
+      _check_layer_shapes(name, layer_stats, direction)
+      init_layout = init_layouts.get(name, stats_lib.ParamLayout())
+      if layer_state is not None and layer_stats.layout != init_layout:
+        raise _layout_mismatch(name, init_layout, layer_stats.layout)
+      new_leaves[name], layer_state = update_module(
+        name, direction, layer_stats, layer_state, state.count
       )
+      return layer_state
+
+    layers = jax.tree_util.tree_map_with_path(
+      update_layer,
+      owned_stats,
+      directions,
+      state.layers,
+      is_leaf=_is_layer_stats,
+    )
     new_state = RowPreconditionerState(
-      count=optax.safe_increment(state.count),
-      layers=paths.place(updates, layers),
+      count=optax.safe_increment(state.count), layers=layers
     )
     return replace_layers(updates, table, new_leaves), new_state
 

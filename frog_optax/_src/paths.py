@@ -4,7 +4,8 @@
 module by its '/'-joined path, the same for linen parameter dicts, NNX
 states and plain trees. The stats trees and the optimizers' per-layer state
 are params-prefix trees with an entry at the node a path names: built by
-:func:`place`, read back by :func:`read` and :func:`entries_by_path`.
+:func:`place`, read back by :func:`entries_by_path` (or walked with the
+parameters' nesting).
 """
 
 from collections.abc import Mapping
@@ -96,19 +97,3 @@ def place(params: Any, entries: Mapping[str, Any]) -> Any:
     return treedef.unflatten([entries.get(n) for n in names])
 
   return build(params, ())
-
-
-def read(params: Any, tree: Any, names: list[str]) -> dict[str, Any]:
-  """The entries of a tree `place` built from `params`, by name.
-
-  Raises:
-    ValueError: when `tree` was not built from parameters of this
-      structure (with these names).
-  """
-  index = place(params, {name: i for i, name in enumerate(names)})
-  try:
-    found = jax.tree_util.tree_structure(index).flatten_up_to(tree)
-  except (ValueError, TypeError) as e:
-    raise ValueError(str(e)) from None
-  order = jax.tree_util.tree_leaves(index)
-  return {names[i]: entry for i, entry in zip(order, found)}

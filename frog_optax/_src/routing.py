@@ -47,41 +47,25 @@ def _resolve(layouts: Any, params: Any) -> Any:
   return layouts(params) if callable(layouts) and is_function else layouts
 
 
-def layouts_by_path(
-  layouts: Any, params: Any
-) -> dict[str, stats_lib.ParamLayout]:
-  """`{module path: ParamLayout}` from an optimizer's `layouts` argument.
+def layouts_by_path(layouts: Any, params: Any) -> dict[str, Any]:
+  """`{path: ParamLayout or UncapturedLayer}` from a `layouts` argument.
 
   Args:
     layouts: `None` (every module row-stacked: plain Dense/Conv), a
       params-prefix tree holding a `ParamLayout` (or a `LayerStats`, whose
-      layout is taken) per module, or a function of the parameters that
-      returns one.
+      layout is taken) per module, or an `UncapturedLayer` for a module to
+      send to the fallback, or a function of the parameters that returns
+      one.
     params: the parameter tree (for a function).
   """
   if layouts is None:
     return {}
   tree = _resolve(layouts, params)
   flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_layout_leaf)
-  out = {}
-  for path, leaf in flat:
-    if isinstance(leaf, stats_lib.LayerStats):
-      leaf = leaf.layout
-    if isinstance(leaf, stats_lib.ParamLayout):
-      out[paths.path_name(path)] = leaf
-  return out
-
-
-def uncaptured_paths(layouts: Any, params: Any) -> set[str]:
-  """The paths that `layouts` mark as `UncapturedLayer` (fallback)."""
-  if layouts is None:
-    return set()
-  tree = _resolve(layouts, params)
-  flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_layout_leaf)
   return {
-    paths.path_name(path)
+    paths.path_name(path): getattr(leaf, 'layout', leaf)
     for path, leaf in flat
-    if isinstance(leaf, stats_lib.UncapturedLayer)
+    if leaf is not None
   }
 
 
@@ -154,15 +138,18 @@ def layer_table(tree: Any, layouts: Any = None) -> dict[str, dict[str, str]]:
     for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
   }
   by_path = layouts_by_path(layouts, tree)
-  refused = uncaptured_paths(layouts, tree)
   table = {
     m: {name: join_path(m, name) for name in module}
     for m, module in module_leaves(tree).items()
-    if _is_row_layer(module) and m not in refused
+    if _is_row_layer(module)
+    and not isinstance(by_path.get(m), stats_lib.UncapturedLayer)
   }
   at_leaves = {}
   for name, layout in by_path.items():
-    if name in leaves and getattr(leaves[name], 'ndim', 0) >= 2:
+    if (
+      isinstance(layout, stats_lib.ParamLayout)
+      and getattr(leaves.get(name), 'ndim', 0) >= 2
+    ):
       at_leaves[name] = {'kernel': name}
       if layout.bias_path is not None and layout.bias_path in leaves:
         at_leaves[name]['bias'] = layout.bias_path

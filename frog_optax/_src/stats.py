@@ -8,12 +8,10 @@ boundaries as arrays), the geometry is static aux data.
 
 import dataclasses
 import math
-from collections.abc import Mapping
 from typing import Any
 
 import jax
 
-from frog_optax._src import paths
 from frog_optax._src.geometry import LayerGeometry
 
 
@@ -131,24 +129,3 @@ class CaptureRefused(Exception):
 
 def is_stats_leaf(x: Any) -> bool:
   return x is None or isinstance(x, (LayerStats, UncapturedLayer))
-
-
-def stats_tree(
-  params: Any,
-  captured: Mapping[str, LayerStats],
-  uncaptured: Mapping[str, UncapturedLayer] | None = None,
-) -> Any:
-  """Builds the params-prefix tree: `LayerStats` per captured module dict.
-
-  Args:
-    params: the parameter tree (nested mappings of arrays).
-    captured: `{module_path: LayerStats}`.
-    uncaptured: `{module_path: UncapturedLayer}` of modules with a kernel
-      that the capture saw but did not capture.
-
-  Returns:
-    The same nesting as `params`, with a `LayerStats` in place of each
-    captured module's `{'kernel', 'bias'}` dict, an `UncapturedLayer` in
-    place of each uncaptured one, and `None` at every other leaf.
-  """
-  return paths.place(params, {**(uncaptured or {}), **captured})
