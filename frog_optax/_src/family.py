@@ -17,6 +17,7 @@ at a time under `jax.vmap` for `nn.scan` stacks.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable
 from typing import Any
@@ -279,7 +280,7 @@ def _is_layer_stats(x: Any) -> bool:
 
 
 def _check_state_fits(owned_stats: Any, layers: Any) -> None:
-  """The state holds a state where the stats are, `None` at other leaves."""
+  """`layers` must hold a state where each layer's stats are, else `None`."""
   try:
     jax.tree.map(lambda *_: None, owned_stats, layers, is_leaf=_is_layer_stats)
   except (ValueError, TypeError) as e:
@@ -405,17 +406,20 @@ def scale_by_row_preconditioner(
     # Each layer's leaves where its stats are: a layer's bias may sit
     # elsewhere in the tree (a model that is not made of Flax modules).
     directions = paths.place(updates, layer_leaves(updates, table))
-    # Only a layer's state fixes its layout (a stateless member reads it
-    # from the stats alone).
-    init_layouts = routing.layouts_by_path(layouts, updates)
+    # Only a layer's state fixes its layout; a stateless member reads it
+    # from the stats alone, and never reads the layouts here.
+    init_layouts = functools.cache(
+      lambda: routing.layouts_by_path(layouts, updates)
+    )
     new_leaves = {}
 
     def update_layer(path, layer_stats, direction, layer_state):
       name = paths.path_name(path)
       _check_layer_shapes(name, layer_stats, direction)
-      init_layout = init_layouts.get(name, stats_lib.ParamLayout())
-      if layer_state is not None and layer_stats.layout != init_layout:
-        raise _layout_mismatch(name, init_layout, layer_stats.layout)
+      if layer_state is not None:
+        init_layout = init_layouts().get(name, stats_lib.ParamLayout())
+        if layer_stats.layout != init_layout:
+          raise _layout_mismatch(name, init_layout, layer_stats.layout)
       new_leaves[name], layer_state = update_module(
         name, direction, layer_stats, layer_state, state.count
       )

@@ -62,11 +62,9 @@ def layouts_by_path(layouts: Any, params: Any) -> dict[str, Any]:
     return {}
   tree = _resolve(layouts, params)
   flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_layout_leaf)
-  return {
-    paths.path_name(path): getattr(leaf, 'layout', leaf)
-    for path, leaf in flat
-    if leaf is not None
-  }
+  entries = ((paths.path_name(p), getattr(x, 'layout', x)) for p, x in flat)
+  kinds = (stats_lib.ParamLayout, stats_lib.UncapturedLayer)
+  return {name: e for name, e in entries if isinstance(e, kinds)}
 
 
 def layout_tree(stats: Any, keep_uncaptured: bool = False) -> Any:
