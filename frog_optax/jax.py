@@ -79,7 +79,7 @@ def value_and_grad(
     sample_size: examples per batch used for the Fisher (s); `None`, or a
       value >= the batch size, uses the whole batch.
     has_aux: whether `fun` returns `(loss, aux)`.
-    rng: optional PRNG key: sample `sample_size` random examples (the same rows
+    rng: optional PRNG key: sample `sample_size` random examples (the same ones
       for every layer) instead of the strided examples `x[::B // s]`.
     axis_name: the data-parallel axis under `jax.pmap` or `jax.shard_map`
       (the samples of all replicas are gathered), as for

@@ -75,7 +75,7 @@ def value_and_grad(
     sample_size: examples per batch used for the Fisher (s); `None`, or a
       value >= the batch size, uses the whole batch.
     has_aux: whether `fun` returns `(loss, aux)`.
-    rng: optional PRNG key: sample `sample_size` random examples (the same rows
+    rng: optional PRNG key: sample `sample_size` random examples (the same ones
       for every layer) instead of the default strided examples `x[::B // s]`.
       Strided examples stay on their device when the batch axis is sharded
       (let `sample_size` divide the batch and the device count divide

@@ -6,8 +6,8 @@ interceptor, so while :func:`value_and_grad` runs the user's loss, the
 (so also the projections of `nnx.MultiHeadAttention`) is replaced at class
 level (and restored afterwards). The replacement does what the linen
 interceptor does: it keeps the (gradient-stopped) inputs of the sampled
-rows and adds a zero perturbation to their outputs, whose gradient, from the
-same backward pass as the parameter gradients, is dLoss/d(outputs).
+examples and adds a zero perturbation to their outputs, whose gradient, from
+the same backward pass as the parameter gradients, is dLoss/d(outputs).
 
 Other threads are not affected: the replacement captures only inside this
 thread's :func:`value_and_grad`. What a call captures is kept in NNX
