@@ -221,6 +221,20 @@ def test_one_update_builds_the_layer_table_once(monkeypatch):
   )
 
 
+def test_stats_are_read_by_layer_not_by_the_stats_trees_nesting():
+  # The shell puts the owned layers' stats on the parameters' nesting
+  # itself: a stats tree with only the layers' entries (no node for the
+  # BatchNorm) gives the same update as the one value_and_grad returns.
+  params, grads, stats = models.grads_and_stats()
+  layers_only = {k: v for k, v in stats.items() if k != 'BatchNorm_0'}
+  tx = fo.frog(0.1)
+  state = tx.init(params)
+  want, want_state = tx.update(grads, state, params, frog_stats=stats)
+  got, got_state = tx.update(grads, state, params, frog_stats=layers_only)
+  chex.assert_trees_all_equal(got, want)
+  chex.assert_trees_all_equal(got_state, want_state)
+
+
 def test_an_alias_state_of_the_earlier_layout_does_not_restore():
   # Earlier builds chained a separate dtype cast after the routing, so an
   # alias's state was (PartitionState, EmptyState()); it is now the
