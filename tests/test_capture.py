@@ -14,8 +14,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax import nnx
 
 import frog_optax as fo
+from frog_optax._src import capture
 from frog_optax._src import family
 from frog_optax._src import paths
 
@@ -388,10 +390,6 @@ def test_unsupported_contractions_are_refused_by_name(layer, shape, why):
 
 @pytest.mark.parametrize('front_end', ['linen', 'nnx', 'jax'])
 def test_every_front_end_runs_the_one_two_pass_driver(front_end, monkeypatch):
-  from flax import nnx
-
-  from frog_optax._src import capture
-
   calls = []
   drive = capture.two_passes
   monkeypatch.setattr(
